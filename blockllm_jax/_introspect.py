@@ -1,0 +1,70 @@
+"""Introspection: what is selected, how often the selection changed.
+
+These functions accept the state of the transformation itself or any state
+that contains it (``optax.chain``, ``optax.inject_hyperparams``,
+``optax.apply_if_finite``, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+_STATE_TYPES: list = []
+
+
+def register_state_type(state_type) -> None:
+  """Makes a state class findable; it needs ``selected``, ``leaf_index`` and
+  ``selection_count`` fields."""
+  _STATE_TYPES.append(state_type)
+
+
+def find_state(opt_state):
+  """Returns the single block-optimizer state inside ``opt_state``."""
+  types = tuple(_STATE_TYPES)
+  found = [
+      leaf for leaf in jax.tree_util.tree_leaves(
+          opt_state, is_leaf=lambda x: isinstance(x, types))
+      if isinstance(leaf, types)
+  ]
+  if len(found) != 1:
+    raise ValueError(
+        "Expected exactly one blockllm_jax optimizer state inside `state`, "
+        f"found {len(found)}. Pass the state returned by `tx.init` / "
+        "`tx.update` of a transformation that contains one.")
+  return found[0]
+
+
+def selected(state, params) -> Any:
+  """Which leaves are currently selected.
+
+  Args:
+    state: the optimizer state (or a chain / wrapper state containing it).
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``) the state
+      was initialised for.
+
+  Returns:
+    A pytree like ``params`` with a bool scalar array per leaf: True iff the
+    leaf is in the current selection (always False for ineligible leaves and
+    before the first update).
+
+  Example:
+    >>> mask = blockllm_jax.selected(opt_state, params)
+    >>> jax.tree.map(bool, mask)
+  """
+  inner = find_state(state)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  positions = jnp.arange(len(leaves), dtype=jnp.int32)
+  # One bool per param leaf: does any selected eligible entry point at it?
+  hits = (inner.leaf_index[None, :] == positions[:, None]) & inner.selected
+  per_leaf = jnp.any(hits, axis=1) if inner.selected.size else jnp.zeros(
+      [len(leaves)], bool)
+  return jax.tree_util.tree_unflatten(
+      treedef, [per_leaf[i] for i in range(len(leaves))])
+
+
+def reselection_count(state) -> jax.Array:
+  """Number of selections made so far, the first one included (int32)."""
+  return find_state(state).selection_count

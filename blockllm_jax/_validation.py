@@ -1,0 +1,77 @@
+"""Argument checks shared by the transformations.
+
+Hyperparameters may arrive as Python numbers, concrete arrays (e.g. from
+``optax.inject_hyperparams``' ``init``) or tracers (its ``update`` under
+``jit``). Python numbers and concrete arrays are checked; tracers cannot be
+and are passed through.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _concrete(value: Any):
+  """Returns ``value`` as a Python float, or None if it is a tracer."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  try:
+    return float(np.asarray(value))
+  except (TypeError, ValueError):
+    return None
+
+
+def check_range(name: str, value: Any, low: float, high: float,
+                low_closed: bool = True, high_closed: bool = False) -> None:
+  """Raises ``ValueError`` unless ``value`` lies in the interval."""
+  x = _concrete(value)
+  if x is None:
+    return
+  above = x >= low if low_closed else x > low
+  below = x <= high if high_closed else x < high
+  if not (above and below and not math.isnan(x)):
+    lo = "[" if low_closed else "("
+    hi = "]" if high_closed else ")"
+    raise ValueError(
+        f"`{name}` must be in {lo}{low}, {high}{hi}; got {value!r}.")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+  check_range(name, value, 0.0, math.inf)
+
+
+def check_learning_rate(value: Any) -> None:
+  if callable(value):
+    return
+  check_nonnegative("learning_rate", value)
+
+
+def static_int(name: str, value: Any, minimum: int) -> int:
+  """Converts a shape-determining argument to ``int``, checking ``minimum``.
+
+  Such arguments set array shapes, so they must be concrete. Under
+  ``optax.inject_hyperparams`` name them in ``static_args``.
+  """
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(
+        f"`{name}` sets the shape of the optimizer state and must be a "
+        "concrete integer, not a traced value. With "
+        "`optax.inject_hyperparams`, list it in `static_args`.")
+  x = float(np.asarray(value))
+  if x != int(x) or x < minimum:
+    raise ValueError(
+        f"`{name}` must be an integer >= {minimum}; got {value!r}.")
+  return int(x)
+
+
+def static_float(name: str, value: Any) -> float:
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(
+        f"`{name}` sets the shape of the optimizer state and must be a "
+        "concrete number, not a traced value. With "
+        "`optax.inject_hyperparams`, list it in `static_args`.")
+  return float(np.asarray(value))
