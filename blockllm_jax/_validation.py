@@ -50,6 +50,14 @@ def check_learning_rate(value: Any) -> None:
   check_nonnegative("learning_rate", value)
 
 
+def check_integer(name: str, value: Any, minimum: int) -> None:
+  """Raises ``ValueError`` unless a concrete ``value`` is an int >= minimum."""
+  x = _concrete(value)
+  if x is not None and (x != int(x) or x < minimum):
+    raise ValueError(
+        f"`{name}` must be an integer >= {minimum}; got {value!r}.")
+
+
 def static_int(name: str, value: Any, minimum: int) -> int:
   """Converts a shape-determining argument to ``int``, checking ``minimum``.
 
@@ -61,11 +69,8 @@ def static_int(name: str, value: Any, minimum: int) -> int:
         f"`{name}` sets the shape of the optimizer state and must be a "
         "concrete integer, not a traced value. With "
         "`optax.inject_hyperparams`, list it in `static_args`.")
-  x = float(np.asarray(value))
-  if x != int(x) or x < minimum:
-    raise ValueError(
-        f"`{name}` must be an integer >= {minimum}; got {value!r}.")
-  return int(x)
+  check_integer(name, value, minimum)
+  return int(float(np.asarray(value)))
 
 
 def static_float(name: str, value: Any) -> float:

@@ -1,0 +1,83 @@
+"""The compact-buffer engine against pure-NumPy models."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from blockllm_jax import _compact
+
+
+def numpy_greedy_fill(scores, sizes, capacity):
+  """Reference: take leaves by descending score (ties: lower index) if they fit."""
+  order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+  used, chosen = 0, np.zeros(len(scores), bool)
+  for i in order:
+    if used + sizes[i] <= capacity:
+      chosen[i] = True
+      used += sizes[i]
+  return chosen
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_fill_matches_numpy(seed):
+  rng = np.random.default_rng(seed)
+  num = int(rng.integers(1, 30))
+  sizes = rng.integers(1, 50, num)
+  # Repeated scores exercise the tie rule.
+  scores = rng.choice([0.5, 1.0, 2.0, 3.0], num) * rng.uniform(0.5, 1.5)
+  capacity = int(rng.integers(int(sizes.max()), int(sizes.sum()) + 1))
+  got = jax.jit(_compact.greedy_fill, static_argnums=2)(
+      jnp.asarray(scores, jnp.float32), jnp.asarray(sizes, jnp.int32), capacity)
+  want = numpy_greedy_fill(scores.astype(np.float32), sizes, capacity)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  # Exact fill: no unselected leaf fits into the remaining room.
+  room = capacity - sizes[want].sum()
+  assert room >= 0
+  assert not np.any(sizes[~want] <= room)
+
+
+def test_packed_offsets():
+  sizes = jnp.array([3, 5, 2, 4], jnp.int32)
+  selected = jnp.array([True, False, True, True])
+  np.testing.assert_array_equal(
+      _compact.packed_offsets(selected, sizes), [0, 3, 3, 5])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_repack_moves_kept_leaves_and_zeroes_fresh_ones(seed):
+  rng = np.random.default_rng(seed)
+  num = 12
+  sizes = rng.integers(1, 9, num)
+  capacity = int(sizes.sum() * 0.6) + int(sizes.max())
+  old = numpy_greedy_fill(rng.uniform(size=num), sizes, capacity)
+  new = numpy_greedy_fill(rng.uniform(size=num), sizes, capacity)
+  old_off = np.concatenate([[0], np.cumsum(np.where(old, sizes, 0))[:-1]])
+  new_off = np.concatenate([[0], np.cumsum(np.where(new, sizes, 0))[:-1]])
+  buffer = rng.normal(size=capacity).astype(np.float32)
+  # NumPy model: a fresh buffer, kept leaves copied from their old windows.
+  want = np.zeros(capacity, np.float32)
+  for i in range(num):
+    if old[i] and new[i]:
+      want[new_off[i]:new_off[i] + sizes[i]] = buffer[old_off[i]:old_off[i] +
+                                                       sizes[i]]
+  got = jax.jit(_compact.repack, static_argnums=1)(
+      jnp.asarray(buffer), tuple(int(s) for s in sizes), jnp.asarray(old_off),
+      jnp.asarray(new_off), jnp.asarray(old & new), jnp.asarray(new & ~old))
+  got = np.asarray(got)
+  for i in range(num):
+    if new[i]:
+      np.testing.assert_array_equal(got[new_off[i]:new_off[i] + sizes[i]],
+                                    want[new_off[i]:new_off[i] + sizes[i]])
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5, 1.0])
+def test_keep_top_fraction(fraction):
+  rng = np.random.default_rng(0)
+  direction = rng.normal(size=40).astype(np.float32)
+  got = np.asarray(_compact.keep_top_fraction(jnp.asarray(direction), fraction))
+  k = int(np.ceil(fraction * 40))
+  keep = np.argsort(-np.abs(direction))[:k]
+  want = np.zeros_like(direction)
+  want[keep] = direction[keep]
+  np.testing.assert_array_equal(got, want)
