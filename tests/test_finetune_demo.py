@@ -21,7 +21,8 @@ def test_demo_runs_and_blockllm_lowers_the_answer_loss(tmp_path, capsys):
   demo = _load_demo()
   out = demo.main([
       "--hidden-size", "32", "--layers", "2", "--heads", "2", "--kv-heads", "1",
-      "--pretrain-steps", "20", "--steps", "60", "--batch-size", "16",
+      "--pretrain-steps", "150", "--steps", "100", "--batch-size", "16",
+      "--lr", "1e-2", "--sparsity", "0.7",
       "--train-examples", "200", "--eval-examples", "16", "--patience", "5",
       "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out"),
       "--no-progress"])

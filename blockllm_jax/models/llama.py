@@ -73,6 +73,12 @@ def rotary(x, positions, theta):
   return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
+def _dense(features, name, dtype, param_dtype):
+  """A bias-free linear layer as in LLaMA, initialised N(0, 0.02)."""
+  return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=nn.initializers.normal(0.02), name=name)
+
+
 class Attention(nn.Module):
   settings: LlamaSettings
   dtype: Any
@@ -81,9 +87,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, positions):
     s = self.settings
-    dense = lambda features, name: nn.Dense(
-        features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.normal(0.02), name=name)
+    dense = lambda features, name: _dense(features, name, self.dtype,
+                                          self.param_dtype)
     batch, seq, _ = x.shape
     q = dense(s.num_attention_heads * s.head_dim, "q_proj")(x)
     k = dense(s.num_key_value_heads * s.head_dim, "k_proj")(x)
@@ -111,9 +116,8 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     s = self.settings
-    dense = lambda features, name: nn.Dense(
-        features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.normal(0.02), name=name)
+    dense = lambda features, name: _dense(features, name, self.dtype,
+                                          self.param_dtype)
     gate = dense(s.intermediate_size, "gate_proj")(x)
     up = dense(s.intermediate_size, "up_proj")(x)
     return dense(s.hidden_size, "down_proj")(nn.silu(gate) * up)
@@ -178,10 +182,8 @@ class LlamaForCausalLM(nn.Module):
     if self.settings.tie_word_embeddings:
       logits = embed.attend(hidden)
     else:
-      logits = nn.Dense(self.settings.vocab_size, use_bias=False, dtype=self.dtype,
-                        param_dtype=self.param_dtype,
-                        kernel_init=nn.initializers.normal(0.02),
-                        name="lm_head")(hidden)
+      logits = _dense(self.settings.vocab_size, "lm_head", self.dtype,
+                      self.param_dtype)(hidden)
     return logits.astype(jnp.float32)
 
 
