@@ -58,25 +58,25 @@ def check_integer(name: str, value: Any, minimum: int) -> None:
         f"`{name}` must be an integer >= {minimum}; got {value!r}.")
 
 
+def _require_concrete(name: str, value: Any, kind: str) -> None:
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(
+        f"`{name}` sets the shape of the optimizer state and must be a "
+        f"concrete {kind}, not a traced value. With "
+        "`optax.inject_hyperparams`, list it in `static_args`.")
+
+
 def static_int(name: str, value: Any, minimum: int) -> int:
   """Converts a shape-determining argument to ``int``, checking ``minimum``.
 
   Such arguments set array shapes, so they must be concrete. Under
   ``optax.inject_hyperparams`` name them in ``static_args``.
   """
-  if isinstance(value, jax.core.Tracer):
-    raise ValueError(
-        f"`{name}` sets the shape of the optimizer state and must be a "
-        "concrete integer, not a traced value. With "
-        "`optax.inject_hyperparams`, list it in `static_args`.")
+  _require_concrete(name, value, "integer")
   check_integer(name, value, minimum)
   return int(float(np.asarray(value)))
 
 
 def static_float(name: str, value: Any) -> float:
-  if isinstance(value, jax.core.Tracer):
-    raise ValueError(
-        f"`{name}` sets the shape of the optimizer state and must be a "
-        "concrete number, not a traced value. With "
-        "`optax.inject_hyperparams`, list it in `static_args`.")
+  _require_concrete(name, value, "number")
   return float(np.asarray(value))

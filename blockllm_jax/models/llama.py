@@ -79,10 +79,15 @@ def _dense(features, name, dtype, param_dtype):
                   kernel_init=nn.initializers.normal(0.02), name=name)
 
 
-class Attention(nn.Module):
+class _LlamaPart(nn.Module):
+  """Fields shared by the LLaMA sub-modules."""
+
   settings: LlamaSettings
   dtype: Any
   param_dtype: Any
+
+
+class Attention(_LlamaPart):
 
   @nn.compact
   def __call__(self, x, positions):
@@ -108,10 +113,7 @@ class Attention(nn.Module):
     return dense(s.hidden_size, "o_proj")(out)
 
 
-class MLP(nn.Module):
-  settings: LlamaSettings
-  dtype: Any
-  param_dtype: Any
+class MLP(_LlamaPart):
 
   @nn.compact
   def __call__(self, x):
@@ -123,10 +125,7 @@ class MLP(nn.Module):
     return dense(s.hidden_size, "down_proj")(nn.silu(gate) * up)
 
 
-class DecoderLayer(nn.Module):
-  settings: LlamaSettings
-  dtype: Any
-  param_dtype: Any
+class DecoderLayer(_LlamaPart):
 
   @nn.compact
   def __call__(self, x, positions):
@@ -137,10 +136,7 @@ class DecoderLayer(nn.Module):
     return x + MLP(s, self.dtype, self.param_dtype, name="mlp")(h)
 
 
-class LlamaModel(nn.Module):
-  settings: LlamaSettings
-  dtype: Any
-  param_dtype: Any
+class LlamaModel(_LlamaPart):
 
   @nn.compact
   def __call__(self, tokens, positions):
