@@ -1,29 +1,64 @@
-"""A compact Flax LLaMA: RMSNorm, rotary embeddings, SwiGLU, grouped-query
-attention, causal mask, tied or untied output head.
+"""A compact Flax LLaMA: RMSNorm, rotary embeddings (with Llama 3.1 frequency
+scaling), SwiGLU, grouped-query attention, causal mask, tied or untied output
+head, optional LoRA adapters.
 
 Parameter names follow Hugging Face's ``LlamaForCausalLM``
 (``model/layers_0/self_attn/q_proj/kernel``, ``lm_head/kernel``, ...), with
-Flax's ``(in, out)`` kernel layout.
+Flax's ``(in, out)`` kernel layout, so checkpoints convert by renaming and
+transposing (see :func:`blockllm_jax.models.load_hf_checkpoint`).
 
 References:
   Touvron et al., "LLaMA: Open and Efficient Foundation Language Models",
   2023. https://arxiv.org/abs/2302.13971
+  Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021.
+  https://arxiv.org/abs/2106.09685
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+# The projections PEFT targets for LLaMA when asked for "all-linear" layers.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+  """Llama 3.1/3.2 rotary frequency scaling (HF ``rope_type: "llama3"``).
+
+  Defaults are those of Llama 3.1 8B.
+  """
+
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaSettings:
-  """The architecture fields of a ``transformers.LlamaConfig``."""
+  """The architecture fields of a ``transformers.LlamaConfig``, plus LoRA.
+
+  ``head_dim=None`` means ``hidden_size // num_attention_heads`` and is
+  resolved at construction, so ``settings.head_dim`` is always an int (give
+  ``head_dim=None`` again when ``dataclasses.replace`` changes the width).
+  ``rope_scaling`` is None or a :class:`Llama3RopeScaling` (an HF-style dict
+  is converted). With ``lora_rank > 0`` every projection named in
+  ``lora_targets`` (see ``LORA_TARGETS``; ``"lm_head"`` is also allowed when
+  untied) gets adapters ``lora_a`` ``(in, r)`` and ``lora_b`` ``(r, out)``
+  next to its kernel and computes ``x @ W + (lora_alpha / r) * x @ A @ B``.
+  The LoRA fields are not part of HF configs.
+  """
 
   vocab_size: int = 260
   hidden_size: int = 64
@@ -35,17 +70,95 @@ class LlamaSettings:
   rope_theta: float = 10000.0
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 512
+  head_dim: Optional[int] = None
+  rope_scaling: Optional[Llama3RopeScaling] = None
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = LORA_TARGETS
+
+  def __post_init__(self):
+    # Frozen: fields are normalised through object.__setattr__.
+    if self.head_dim is None:
+      object.__setattr__(self, "head_dim",
+                         self.hidden_size // self.num_attention_heads)
+    if isinstance(self.rope_scaling, collections.abc.Mapping):
+      from blockllm_jax.models._hf import rope_scaling_from_hf
+      object.__setattr__(self, "rope_scaling",
+                         rope_scaling_from_hf(dict(self.rope_scaling),
+                                              self.max_position_embeddings))
+    # A list would make the settings unhashable (Flax needs them hashable).
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(
+          f"num_attention_heads ({self.num_attention_heads}) must be a multiple"
+          f" of num_key_value_heads ({self.num_key_value_heads}).")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim must be even for rotary embeddings, got "
+                       f"{self.head_dim}.")
+    if not (self.rope_scaling is None or
+            isinstance(self.rope_scaling, Llama3RopeScaling)):
+      raise ValueError(f"rope_scaling must be None or Llama3RopeScaling, got "
+                       f"{self.rope_scaling!r}.")
+    if self.lora_rank < 0:
+      raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}.")
+    allowed = LORA_TARGETS + (() if self.tie_word_embeddings else ("lm_head",))
+    unknown = [t for t in self.lora_targets if t not in allowed]
+    if unknown:
+      raise ValueError(f"lora_targets {unknown} are not LoRA-capable layers; "
+                       f"accepted: {allowed}.")
 
   @classmethod
-  def from_config(cls, config: Any) -> "LlamaSettings":
-    """Reads the fields from a ``transformers.LlamaConfig`` (or any object)."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {n: getattr(config, n) for n in names if getattr(config, n, None) is not None}
-    return cls(**values)
+  def from_config(cls, config: Any, **overrides) -> "LlamaSettings":
+    """Settings of a ``transformers.LlamaConfig``, a ``config.json`` dict or
+    any object with LlamaConfig attributes; ``overrides`` set other fields
+    (e.g. ``lora_rank``).
 
-  @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_attention_heads
+    Raises:
+      ValueError: for configs this model cannot reproduce (biases, other
+        rope types, non-llama ``model_type``, ...), naming the field.
+    """
+    from blockllm_jax.models._hf import settings_from_hf_config
+    return settings_from_hf_config(config, **overrides)
+
+  def to_config_dict(self, dtype: Any = None) -> dict:
+    """The ``config.json`` dict of an HF ``LlamaForCausalLM`` (LoRA dropped).
+
+    Args:
+      dtype: the weights' dtype, recorded as ``torch_dtype``/``dtype``.
+    """
+    from blockllm_jax.models._hf import hf_config_dict
+    return hf_config_dict(self, dtype)
+
+
+def rope_frequencies(settings: LlamaSettings) -> np.ndarray:
+  """Rotary inverse frequencies, float32 ``[head_dim // 2]``.
+
+  Follows ``transformers.modeling_rope_utils`` op for op in float32
+  (``compute_default_rope_parameters`` and ``_compute_llama3_parameters``);
+  results agree to the bit or within one float32 ulp.
+  """
+  dim = settings.head_dim
+  f32 = np.float32
+  exponents = np.arange(0, dim, 2, dtype=np.int64).astype(f32) / f32(dim)
+  # float32 pow correctly rounded (via float64): torch's CPU pow agrees with
+  # it to the bit in nearly every case, numpy's float32 pow does not.
+  powers = np.power(np.float64(settings.rope_theta), exponents.astype(np.float64))
+  inv_freq = f32(1.0) / powers.astype(f32)
+  scaling = settings.rope_scaling
+  if scaling is None:
+    return inv_freq
+  factor = f32(scaling.factor)
+  low, high = scaling.low_freq_factor, scaling.high_freq_factor
+  context = scaling.original_max_position_embeddings
+  low_freq_wavelen, high_freq_wavelen = f32(context / low), f32(context / high)
+  wavelen = f32(2 * math.pi) / inv_freq
+  # Long wavelengths are slowed by `factor`, short ones kept, and the band in
+  # between interpolated smoothly.
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  smooth = (f32(context) / wavelen - f32(low)) / f32(high - low)
+  smoothed = (f32(1) - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+  return np.where(medium, smoothed, scaled).astype(f32)
 
 
 class RMSNorm(nn.Module):
@@ -61,11 +174,16 @@ class RMSNorm(nn.Module):
     return weight * normed.astype(x.dtype)
 
 
-def rotary(x, positions, theta):
-  """Applies rotary embeddings (HF's rotate-half convention) to [B,T,H,D]."""
+def rotary(x, positions, inv_freq):
+  """Applies rotary embeddings (HF's rotate-half convention) to [B,T,H,D].
+
+  Args:
+    x: queries or keys ``[batch, seq, heads, head_dim]``.
+    positions: int ``[batch, seq]``.
+    inv_freq: ``[head_dim // 2]`` (see :func:`rope_frequencies`).
+  """
   head_dim = x.shape[-1]
-  inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  angles = positions[..., None].astype(jnp.float32) * inv_freq
+  angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
   angles = jnp.concatenate([angles, angles], -1)[:, :, None, :]
   cos, sin = jnp.cos(angles), jnp.sin(angles)
   half = head_dim // 2
@@ -73,10 +191,51 @@ def rotary(x, positions, theta):
   return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
-def _dense(features, name, dtype, param_dtype):
-  """A bias-free linear layer as in LLaMA, initialised N(0, 0.02)."""
+# LLaMA's linear layers are bias-free and initialised N(0, 0.02).
+_KERNEL_INIT = nn.initializers.normal(0.02)
+# PEFT's lora_A init, kaiming_uniform(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)).
+LORA_A_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def _contract(x, kernel):
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+class LoRADense(nn.Module):
+  """Bias-free linear layer with a low-rank adapter:
+  ``x @ kernel + (alpha / rank) * (x @ lora_a) @ lora_b``.
+
+  ``lora_b`` starts at zero, so a fresh adapter leaves the output unchanged.
+  """
+
+  features: int
+  rank: int
+  alpha: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = x.shape[-1]
+    kernel = self.param("kernel", _KERNEL_INIT, (fan_in, self.features),
+                        self.param_dtype)
+    lora_a = self.param("lora_a", LORA_A_INIT, (fan_in, self.rank),
+                        self.param_dtype)
+    lora_b = self.param("lora_b", nn.initializers.zeros,
+                        (self.rank, self.features), self.param_dtype)
+    x, kernel, lora_a, lora_b = nn.dtypes.promote_dtype(
+        x, kernel, lora_a, lora_b, dtype=self.dtype)
+    delta = _contract(_contract(x, lora_a), lora_b)
+    return _contract(x, kernel) + delta * jnp.asarray(self.alpha / self.rank, delta.dtype)
+
+
+def _dense(settings, features, name, dtype, param_dtype):
+  """A LLaMA linear layer, with a LoRA adapter where ``settings`` ask."""
+  if settings.lora_rank and name in settings.lora_targets:
+    return LoRADense(features, settings.lora_rank, settings.lora_alpha, dtype,
+                     param_dtype, name=name)
   return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                  kernel_init=nn.initializers.normal(0.02), name=name)
+                  kernel_init=_KERNEL_INIT, name=name)
 
 
 class _LlamaPart(nn.Module):
@@ -92,7 +251,7 @@ class Attention(_LlamaPart):
   @nn.compact
   def __call__(self, x, positions):
     s = self.settings
-    dense = lambda features, name: _dense(features, name, self.dtype,
+    dense = lambda features, name: _dense(s, features, name, self.dtype,
                                           self.param_dtype)
     batch, seq, _ = x.shape
     q = dense(s.num_attention_heads * s.head_dim, "q_proj")(x)
@@ -101,7 +260,8 @@ class Attention(_LlamaPart):
     q = q.reshape(batch, seq, s.num_attention_heads, s.head_dim)
     k = k.reshape(batch, seq, s.num_key_value_heads, s.head_dim)
     v = v.reshape(batch, seq, s.num_key_value_heads, s.head_dim)
-    q, k = rotary(q, positions, s.rope_theta), rotary(k, positions, s.rope_theta)
+    inv_freq = rope_frequencies(s)
+    q, k = rotary(q, positions, inv_freq), rotary(k, positions, inv_freq)
     groups = s.num_attention_heads // s.num_key_value_heads
     k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
@@ -118,7 +278,7 @@ class MLP(_LlamaPart):
   @nn.compact
   def __call__(self, x):
     s = self.settings
-    dense = lambda features, name: _dense(features, name, self.dtype,
+    dense = lambda features, name: _dense(s, features, name, self.dtype,
                                           self.param_dtype)
     gate = dense(s.intermediate_size, "gate_proj")(x)
     up = dense(s.intermediate_size, "up_proj")(x)
@@ -155,7 +315,8 @@ class LlamaForCausalLM(nn.Module):
   """LLaMA language model returning float32 logits ``[batch, seq, vocab]``.
 
   Attributes:
-    settings: architecture (see :meth:`LlamaSettings.from_config`).
+    settings: architecture (see :meth:`LlamaSettings.from_config` and
+      :func:`~blockllm_jax.models.load_hf_checkpoint`), LoRA included.
     dtype: activation dtype (e.g. ``jnp.bfloat16``).
     param_dtype: parameter dtype.
 
@@ -178,8 +339,8 @@ class LlamaForCausalLM(nn.Module):
     if self.settings.tie_word_embeddings:
       logits = embed.attend(hidden)
     else:
-      logits = _dense(self.settings.vocab_size, "lm_head", self.dtype,
-                      self.param_dtype)(hidden)
+      logits = _dense(self.settings, self.settings.vocab_size, "lm_head",
+                      self.dtype, self.param_dtype)(hidden)
     return logits.astype(jnp.float32)
 
 
