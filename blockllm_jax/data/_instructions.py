@@ -1,18 +1,19 @@
-"""A synthetic instruction task with one exact answer per prompt.
+"""Instruction examples: a synthetic task and user (prompt, answer) pairs.
 
-Each example is ``BOS prompt SEP answer EOS`` right-padded with PAD; the loss
-mask covers the answer and EOS only, so fine-tuning is measured by
+Each example is ``BOS prompt SEP answer EOS`` right-padded with the pad id;
+the loss mask covers the answer and EOS only, so fine-tuning is measured by
 exact-match accuracy on held-out prompts.
 """
 
 from __future__ import annotations
 
 import string
-from typing import Callable, NamedTuple
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from blockllm_jax.data._bytes import ByteTokenizer
+from blockllm_jax.data._bytes import encode_many
+from blockllm_jax.data._bytes import resolve_tokenizer
 
 
 def _reverse(rng):
@@ -39,7 +40,21 @@ TASKS: dict = {"reverse": _reverse, "sort": _sort_digits, "add": _add,
                "upper": _upper}
 
 
+# Draws of an already-seen prompt in a row after which the chosen tasks are
+# taken to have no new prompts left (the smallest, "add", has 10,000).
+_MAX_REPEATS = 10_000
+
+# Between prompt and answer when the tokenizer has no separator token.
+TEXT_SEPARATOR = "\n"
+
+
 class InstructionSet(NamedTuple):
+  """Padded instruction examples, row ``i`` for ``answers[i]``.
+
+  Slicing every field alike gives a subset:
+  ``InstructionSet(*(x[:100] for x in examples))``.
+  """
+
   tokens: np.ndarray  # int32[n, seq_len] BOS prompt SEP answer EOS PAD...
   loss_mask: np.ndarray  # float32[n, seq_len] 1 on answer and EOS tokens
   prompt_length: np.ndarray  # int32[n] tokens up to and including SEP
@@ -47,38 +62,116 @@ class InstructionSet(NamedTuple):
 
 
 def make_instruction_set(num: int, seq_len: int = 24, seed: int = 0,
-                         tasks=tuple(TASKS)) -> InstructionSet:
+                         tasks=tuple(TASKS), tokenizer=None) -> InstructionSet:
   """Generates ``num`` distinct examples mixed over ``tasks``.
 
   Prompts never repeat, so splitting the result gives held-out prompts.
+  The same ``seed`` gives the same prompts whatever the tokenizer.
 
   Args:
     num: number of examples.
-    seq_len: padded length (prompts and answers here need at most 20).
+    seq_len: padded length (prompts and answers here need at most 20 byte
+      tokens; a byte-level BPE never needs more tokens than bytes).
     seed: random seed.
-    tasks: names from :data:`TASKS`.
+    tasks: names from :data:`TASKS` (a single name is accepted too).
+    tokenizer: a :class:`Tokenizer`; None uses :class:`ByteTokenizer`.
+
+  Returns:
+    An :class:`InstructionSet` with ``num`` rows of width ``seq_len``.
+
+  Example:
+    >>> examples = make_instruction_set(100, tasks=("add",))
+    >>> examples.tokens.shape, examples.answers[0].isdigit()
+    ((100, 24), True)
   """
+  if isinstance(tasks, str):
+    tasks = (tasks,)
+  tasks = tuple(tasks)
   unknown = set(tasks) - set(TASKS)
-  if unknown:
-    raise ValueError(f"Unknown tasks {sorted(unknown)}; choose from {sorted(TASKS)}.")
-  tok = ByteTokenizer()
+  if unknown or not tasks:
+    raise ValueError(f"Unknown tasks {sorted(unknown) or tasks}; choose from {sorted(TASKS)}.")
   rng = np.random.default_rng(seed)
-  tokens = np.full((num, seq_len), tok.PAD, np.int32)
-  mask = np.zeros((num, seq_len), np.float32)
-  prompt_length = np.zeros(num, np.int32)
-  answers, seen = [], set()
-  while len(answers) < num:
+  pairs, seen, repeats = [], set(), 0
+  while len(pairs) < num:
     prompt, answer = TASKS[tasks[rng.integers(len(tasks))]](rng)
     if prompt in seen:
+      repeats += 1
+      if repeats > _MAX_REPEATS:
+        raise ValueError(f"num={num} is more than the distinct prompts of tasks "
+                         f"{list(tasks)}; got {len(pairs)} before they ran out.")
       continue
+    repeats = 0
     seen.add(prompt)
-    ids = [tok.BOS] + tok.encode(prompt) + [tok.SEP]
-    full = ids + tok.encode(answer) + [tok.EOS]
-    if len(full) > seq_len:
-      raise ValueError(f"seq_len={seq_len} is too short for {prompt!r}.")
-    i = len(answers)
+    pairs.append((prompt, answer))
+  return _encode_pairs(pairs, resolve_tokenizer(tokenizer), seq_len,
+                       name="generated example")
+
+
+def encode_instructions(pairs: Sequence, tokenizer=None,
+                        seq_len: Optional[int] = None) -> InstructionSet:
+  """Turns (prompt, answer) strings into a padded :class:`InstructionSet`.
+
+  Each row is ``BOS prompt SEP answer EOS`` padded with ``pad_id``. Prompt
+  and answer are encoded separately, so a BPE never merges across the
+  boundary and the answer tokens are exactly ``encode(answer)``. When the
+  tokenizer has no separator token (``sep_id is None``, e.g. a LLaMA
+  tokenizer) the separator is ``encode("\\n")`` (:data:`TEXT_SEPARATOR`).
+
+  Args:
+    pairs: a sequence of ``(prompt, answer)`` string pairs.
+    tokenizer: a :class:`Tokenizer`; None uses :class:`ByteTokenizer`.
+    seq_len: padded width; None uses the longest example. A longer example
+      is an error (nothing is truncated silently).
+
+  Returns:
+    An :class:`InstructionSet`: ``loss_mask`` is 1 on the answer and EOS,
+    ``prompt_length`` counts the tokens up to and including the separator.
+
+  Example:
+    >>> examples = encode_instructions([("2+2", "4"), ("capital of France", "Paris")])
+    >>> examples.tokens.shape
+    (2, 25)
+  """
+  if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__len__"):
+    raise ValueError(f"pairs must be a sequence of (prompt, answer) pairs; got {type(pairs).__name__}.")
+  if len(pairs) == 0:
+    raise ValueError("pairs is empty; need at least one (prompt, answer) pair.")
+  for i, pair in enumerate(pairs):
+    if (isinstance(pair, (str, bytes)) or len(pair) != 2
+        or not all(isinstance(x, str) for x in pair)):
+      raise ValueError(f"pairs[{i}] must be a (prompt, answer) pair of strings; got {pair!r}.")
+  return _encode_pairs([tuple(p) for p in pairs], resolve_tokenizer(tokenizer), seq_len,
+                       name="pairs")
+
+
+def _encode_pairs(pairs, tokenizer, seq_len, name) -> InstructionSet:
+  """Encodes validated pairs; ``name`` says where they came from in errors."""
+  if tokenizer.sep_id is not None:
+    separator = [tokenizer.sep_id]
+  else:
+    separator = list(tokenizer.encode(TEXT_SEPARATOR))
+    if not separator:
+      raise ValueError(f"The tokenizer has no sep_id and encodes {TEXT_SEPARATOR!r} "
+                       "to no tokens; give it a separator token.")
+  prompts = encode_many(tokenizer, [p for p, _ in pairs])
+  answers = encode_many(tokenizer, [a for _, a in pairs])
+  prompt_length = np.array([1 + len(p) + len(separator) for p in prompts], np.int32)
+  total_length = prompt_length + np.array([len(a) + 1 for a in answers], np.int32)
+  longest = int(total_length.max()) if len(pairs) else 0
+  if seq_len is None:
+    seq_len = longest
+  elif not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+    raise ValueError(f"seq_len must be a positive int or None; got {seq_len!r}.")
+  elif longest > seq_len:
+    i = int(np.argmax(total_length > seq_len))
+    raise ValueError(
+        f"seq_len={seq_len} is too short for {name}[{i}] (prompt {pairs[i][0]!r}), "
+        f"which needs {total_length[i]} tokens; the longest needs {longest}. "
+        "Pass a larger seq_len, or seq_len=None for the longest.")
+  tokens = np.full((len(pairs), seq_len), tokenizer.pad_id, np.int32)
+  mask = np.zeros((len(pairs), seq_len), np.float32)
+  for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+    full = [tokenizer.bos_id, *prompt, *separator, *answer, tokenizer.eos_id]
     tokens[i, :len(full)] = full
-    mask[i, len(ids):len(full)] = 1.0
-    prompt_length[i] = len(ids)
-    answers.append(answer)
-  return InstructionSet(tokens, mask, prompt_length, answers)
+    mask[i, prompt_length[i]:len(full)] = 1.0
+  return InstructionSet(tokens, mask, prompt_length, [a for _, a in pairs])
