@@ -1,4 +1,4 @@
-"""Fine-tune a small LLaMA with BlockLLM and compare with AdamW.
+"""Fine-tune a LLaMA with BlockLLM and compare with AdamW (and LoRA).
 
 With no arguments: pretrains (or reuses from --cache-dir) a small LLaMA on
 the English text shipped with Python, fine-tunes it on a generated
@@ -8,79 +8,117 @@ bytes, compiled train-step memory, median step time) and saves a loss plot.
 
   python examples/finetune_llama.py
   python examples/finetune_llama.py --optimizer blockllm --sparsity 0.95
+  python examples/finetune_llama.py --model-dir ~/models/my-llama --data pairs.jsonl
+  python examples/finetune_llama.py --resume      # continue an interrupted run
+
+--model-dir takes a local Hugging Face LLaMA checkpoint (config.json,
+*.safetensors or a sharded index, and tokenizer.json if it has one);
+--data takes prompt/answer pairs (.json/.jsonl/.parquet/.csv, loaded with
+`datasets`); --export writes each fine-tuned model back in that format.
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import llama_common as common  # sets the offline HF environment first
 
 import argparse
-import pickle
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 import blockllm_jax as bl
 from blockllm_jax import data
-from blockllm_jax.models import LlamaForCausalLM, LlamaSettings, causal_lm_loss
+from blockllm_jax import models
+from blockllm_jax.models import LlamaForCausalLM, causal_lm_loss
 
-OPTIMIZERS = ("blockllm", "adamw")
+OPTIMIZERS = ("blockllm", "adamw", "lora")
+DEFAULT_OPTIMIZERS = ("blockllm", "adamw")
+# The best of {1e-3, 2e-3, 5e-3} (1e-2 for LoRA) for each method on the
+# default task at 2000 steps; AdamW diverges from the task above 2e-3.
+DEFAULT_LR = {"blockllm": 2e-3, "adamw": 1e-3, "lora": 5e-3}
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--optimizer", choices=OPTIMIZERS + ("all",), default="all")
-  p.add_argument("--hidden-size", type=int, default=128)
-  p.add_argument("--layers", type=int, default=4)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--kv-heads", type=int, default=2)
+  p.add_argument("--optimizer", choices=OPTIMIZERS + ("all",), nargs="+",
+                 default=list(DEFAULT_OPTIMIZERS),
+                 help="one or more methods; 'all' runs every one")
+  p.add_argument("--model-dir", type=Path, default=None,
+                 help="a local Hugging Face LLaMA checkpoint to fine-tune "
+                      "instead of the built-in pretrained model")
+  common.add_model_arguments(p)
   p.add_argument("--pretrain-steps", type=int, default=400)
   p.add_argument("--pretrain-seq-len", type=int, default=64)
-  p.add_argument("--steps", type=int, default=1000, help="fine-tuning steps per optimizer")
+  p.add_argument("--data", type=Path, default=None,
+                 help="prompt/answer pairs (.json/.jsonl/.parquet/.csv); default: "
+                      "the generated instruction task")
+  p.add_argument("--prompt-field", default=None)
+  p.add_argument("--answer-field", default=None)
+  p.add_argument("--tasks", nargs="+", choices=sorted(data.TASKS),
+                 default=sorted(data.TASKS), help="generated tasks to mix")
+  p.add_argument("--steps", type=int, default=2000, help="fine-tuning steps per optimizer")
   p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--lr", type=float, default=2e-3, help="fine-tuning learning rate")
+  p.add_argument("--lr", type=float, default=None,
+                 help="fine-tuning learning rate for every method; default: "
+                      + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()))
   p.add_argument("--sparsity", type=float, default=0.9)
-  p.add_argument("--patience", type=int, default=20)
+  p.add_argument("--patience", type=int, default=50)
+  p.add_argument("--train-embeddings", action="store_true",
+                 help="let BlockLLM also select the embedding and output head "
+                      "(excluded by default, as in the paper)")
+  p.add_argument("--lora-rank", type=int, default=8)
+  p.add_argument("--lora-alpha", type=float, default=16.0)
   p.add_argument("--train-examples", type=int, default=4000)
   p.add_argument("--eval-examples", type=int, default=256)
+  p.add_argument("--save-every", type=int, default=250)
+  p.add_argument("--resume", action="store_true",
+                 help="continue each optimizer from its latest checkpoint in --out-dir")
+  p.add_argument("--export", action="store_true",
+                 help="save each fine-tuned model as a Hugging Face checkpoint")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--cache-dir", type=Path, default=Path("runs/cache"))
   p.add_argument("--out-dir", type=Path, default=Path("runs/finetune"))
   p.add_argument("--no-progress", action="store_true")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if "all" in args.optimizer:
+    args.optimizer = list(OPTIMIZERS)
+  return args
 
 
-def make_model(args):
-  settings = LlamaSettings(
-      vocab_size=data.ByteTokenizer.vocab_size, hidden_size=args.hidden_size,
-      intermediate_size=int(args.hidden_size * 8 / 3 // 8 * 8),
-      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-      num_key_value_heads=args.kv_heads)
-  return LlamaForCausalLM(settings)
+def pretrained_model(args):
+  """(settings, params, tokenizer): --model-dir, or the built-in model.
 
-
-def pretrained_params(model, args):
-  """Pretrains on the embedded corpus, or loads the cached result."""
-  s = model.settings
-  name = (f"llama_h{s.hidden_size}_l{s.num_hidden_layers}_a{s.num_attention_heads}"
-          f"_kv{s.num_key_value_heads}_s{args.pretrain_steps}_seed{args.seed}.pkl")
-  path = args.cache_dir / name
-  if path.exists():
-    with open(path, "rb") as f:
-      return jax.tree.map(jnp.asarray, pickle.load(f))
+  The built-in model is pretrained on the embedded corpus once and cached as
+  a Hugging Face checkpoint, so it is loaded exactly like a user's.
+  """
+  if args.model_dir is not None:
+    settings, params = models.load_hf_checkpoint(args.model_dir)
+    tokenizer = (data.load_tokenizer(args.model_dir)
+                 if (args.model_dir / "tokenizer.json").exists() else data.ByteTokenizer())
+    if tokenizer.vocab_size > settings.vocab_size:
+      raise ValueError(f"The tokenizer has {tokenizer.vocab_size} tokens but the "
+                       f"model in {args.model_dir} only {settings.vocab_size}.")
+    return settings, params, tokenizer
+  corpus = data.embedded_corpus()
+  tokenizer = common.corpus_tokenizer(args.tokenizer, corpus, args.cache_dir,
+                                      args.bpe_vocab)
+  settings = common.llama_settings(args, tokenizer.vocab_size)
+  folder = args.cache_dir / (
+      f"llama_{args.tokenizer}{tokenizer.vocab_size}_h{settings.hidden_size}"
+      f"_l{settings.num_hidden_layers}_a{settings.num_attention_heads}"
+      f"_kv{settings.num_key_value_heads}_s{args.pretrain_steps}_seed{args.seed}")
+  if (folder / "config.json").exists():
+    settings, params = models.load_hf_checkpoint(folder)
+    return settings, params, tokenizer
+  model = LlamaForCausalLM(settings)
   params = model.init(jax.random.PRNGKey(args.seed),
                       jnp.zeros((1, 8), jnp.int32))["params"]
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0, 3e-3, 20, max(args.pretrain_steps, 21)))
-  state = tx.init(params)
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(
+      0.0, 3e-3, 20, max(args.pretrain_steps, 21)))
 
   @jax.jit
   def step(params, state, tokens):
@@ -89,53 +127,90 @@ def pretrained_params(model, args):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
 
-  batches = data.language_model_batches(data.embedded_corpus(), args.pretrain_seq_len,
-                                        args.batch_size, args.seed)
-  bar = tqdm(range(args.pretrain_steps), desc="pretrain", disable=args.no_progress)
-  for _ in bar:
-    params, state, loss = step(params, state, jnp.asarray(next(batches)))
-    bar.set_postfix(loss=f"{float(loss):.3f}")
-  args.cache_dir.mkdir(parents=True, exist_ok=True)
-  with open(path, "wb") as f:
-    pickle.dump(jax.device_get(params), f)
-  return params
+  tokens = np.asarray(tokenizer.encode(corpus), np.int32)
+
+  def batch_at(t):
+    starts = common.step_rng(args.seed, t).integers(
+        0, tokens.size - args.pretrain_seq_len, args.batch_size)
+    return (jnp.asarray(np.stack([tokens[s:s + args.pretrain_seq_len] for s in starts])),)
+
+  params, _, _, _ = common.train(step, params, tx.init(params), batch_at,
+                                 args.pretrain_steps, desc="pretrain",
+                                 progress=not args.no_progress)
+  models.save_hf_checkpoint(folder, settings, params)
+  return settings, params, tokenizer
 
 
-def make_optimizer(name, args):
+def instruction_data(args, tokenizer):
+  """(train, held_out) InstructionSets from --data or the generated task."""
+  if args.data is not None:
+    pairs = data.load_instructions(args.data, prompt_field=args.prompt_field,
+                                   answer_field=args.answer_field)
+    if len(pairs) < 2:
+      raise ValueError(f"--data {args.data} has {len(pairs)} examples; need at least 2.")
+    order = np.random.default_rng(args.seed).permutation(len(pairs))
+    pairs = [pairs[i] for i in order]
+    held = min(args.eval_examples, max(1, len(pairs) // 10))
+    examples = data.encode_instructions(pairs, tokenizer)
+    num_train = len(pairs) - held
+  else:
+    num_train = args.train_examples
+    examples = data.make_instruction_set(args.train_examples + args.eval_examples,
+                                         seed=args.seed, tasks=tuple(args.tasks),
+                                         tokenizer=tokenizer)
+  split = lambda a, b: data.InstructionSet(*(x[a:b] for x in examples))
+  return split(0, num_train), split(num_train, len(examples.answers))
+
+
+def make_optimizer(name, args, params):
+  lr = DEFAULT_LR[name] if args.lr is None else args.lr
   if name == "adamw":
-    return optax.adamw(args.lr, weight_decay=0.0)
-  return bl.blockllm(args.lr, sparsity=args.sparsity, patience=args.patience)
+    return optax.adamw(lr, weight_decay=0.0)
+  if name == "lora":
+    # Adam on the adapters only; the base weights get no update and no state.
+    labels = jax.tree.map(lambda is_adapter: "adapter" if is_adapter else "frozen",
+                          models.lora_mask(params))
+    return optax.multi_transform({"adapter": optax.adamw(lr, weight_decay=0.0),
+                                  "frozen": optax.set_to_zero()}, labels)
+  eligible = (lambda path, leaf: True) if args.train_embeddings else None
+  return bl.blockllm(lr, sparsity=args.sparsity, patience=args.patience,
+                     eligible=eligible)
 
 
-def exact_match(model, params, examples, max_answer=10):
-  """Greedy decoding after SEP; accuracy of answers matching exactly."""
-  tok = data.ByteTokenizer()
-  tokens = jnp.asarray(examples.tokens)
-  positions = jnp.arange(tokens.shape[1])
-  prompt_len = jnp.asarray(examples.prompt_length)
-  # Blank everything after the prompt, then fill it one token at a time.
-  tokens = jnp.where(positions[None] < prompt_len[:, None], tokens, tok.PAD)
+def exact_match(model, params, examples, tokenizer, batch_size=256):
+  """Greedy decoding after the prompt; fraction of answers matching exactly."""
+  max_answer = int(np.max(np.sum(examples.loss_mask > 0, axis=1)))
+  width = examples.tokens.shape[1]
 
   @jax.jit
-  def decode(params, tokens):
+  def decode(params, tokens, prompt_len):
+    rows = jnp.arange(tokens.shape[0])
+    # Blank everything after the prompt, then fill it one token at a time.
+    tokens = jnp.where(jnp.arange(width)[None] < prompt_len[:, None], tokens,
+                       tokenizer.pad_id)
+
     def body(j, tokens):
       logits = model.apply({"params": params}, tokens)
-      at = jnp.minimum(prompt_len + j, tokens.shape[1] - 1)
-      next_token = jnp.argmax(logits[jnp.arange(tokens.shape[0]), at - 1], -1)
-      return tokens.at[jnp.arange(tokens.shape[0]), at].set(next_token)
-    return jax.lax.fori_loop(0, max_answer + 1, body, tokens)
+      at = jnp.minimum(prompt_len + j, width - 1)
+      return tokens.at[rows, at].set(jnp.argmax(logits[rows, at - 1], -1))
+    return jax.lax.fori_loop(0, max_answer, body, tokens)
 
-  out = np.asarray(decode(params, tokens))
   correct = 0
-  for row, start, answer in zip(out, examples.prompt_length, examples.answers):
-    generated = list(row[start:])
-    end = generated.index(tok.EOS) if tok.EOS in generated else len(generated)
-    correct += tok.decode(generated[:end]) == answer
+  for start in range(0, len(examples.answers), batch_size):
+    stop = start + batch_size
+    out = np.asarray(decode(params, jnp.asarray(examples.tokens[start:stop]),
+                            jnp.asarray(examples.prompt_length[start:stop])))
+    for row, begin, answer in zip(out, examples.prompt_length[start:stop],
+                                  examples.answers[start:stop]):
+      generated = list(row[begin:])
+      end = generated.index(tokenizer.eos_id) if tokenizer.eos_id in generated else len(generated)
+      correct += tokenizer.decode(generated[:end]) == answer
   return correct / len(examples.answers)
 
 
 def finetune(model, params, name, train, args):
-  tx = make_optimizer(name, args)
+  """Fine-tunes with one method; returns (params, result dict)."""
+  tx = make_optimizer(name, args, params)
   state = tx.init(params)
 
   def loss_fn(params, tokens, mask):
@@ -146,87 +221,64 @@ def finetune(model, params, name, train, args):
     updates, state = tx.update(grads, state, params, value=loss)
     return optax.apply_updates(params, updates), state, loss
 
-  example = (params, state, jnp.asarray(train.tokens[:args.batch_size]),
-             jnp.asarray(train.loss_mask[:args.batch_size]))
-  memory = bl.compiled_memory(step, *example, donate_argnums=(0, 1))
-  step = jax.jit(step, donate_argnums=(0, 1))
-  params = jax.tree.map(jnp.copy, params)
-  rng = np.random.default_rng(args.seed + 1)
-  losses, times = [], []
-  bar = tqdm(range(args.steps), desc=f"finetune {name}", disable=args.no_progress)
-  for _ in bar:
-    idx = rng.integers(0, len(train.answers), args.batch_size)
-    start = time.perf_counter()
-    params, state, loss = step(params, state, jnp.asarray(train.tokens[idx]),
-                               jnp.asarray(train.loss_mask[idx]))
-    loss = float(loss)  # waits for the step
-    times.append(time.perf_counter() - start)
-    losses.append(loss)
-    bar.set_postfix(loss=f"{loss:.3f}")
+  def batch_at(t):
+    idx = common.step_rng(args.seed + 1, t).integers(0, len(train.answers), args.batch_size)
+    return jnp.asarray(train.tokens[idx]), jnp.asarray(train.loss_mask[idx])
+
+  memory = bl.compiled_memory(step, params, state, *batch_at(0), donate_argnums=(0, 1))
+  checkpoints = common.TrainCheckpoints(args.out_dir / "checkpoints" / name,
+                                        args.save_every)
+  params, state, losses, seconds = common.train(
+      jax.jit(step, donate_argnums=(0, 1)), jax.tree.map(jnp.copy, params), state,
+      batch_at, args.steps, desc=f"finetune {name}", checkpoints=checkpoints,
+      resume=args.resume, progress=not args.no_progress)
+  checkpoints.close()
   result = {
       "optimizer": name, "losses": losses,
-      "final_loss": float(np.mean(losses[-10:])),
+      "final_loss": float(np.mean(losses[-20:])),
       "state_bytes": bl.state_bytes(state), "step_memory": memory.total,
-      "median_step_ms": 1e3 * float(np.median(times[len(times) // 5:])),
+      "median_step_ms": common.median_step_ms(seconds),
   }
-  if name != "adamw":
+  if name == "blockllm":
     result["reselections"] = int(bl.reselection_count(state))
   return params, result
 
 
-def print_table(rows):
-  header = ("optimizer", "final loss", "exact match", "state bytes",
-            "step memory", "median step")
-  lines = [header] + [(
-      r["optimizer"], f"{r['final_loss']:.4f}", f"{100 * r['exact_match']:.1f}%",
-      f"{r['state_bytes'] / 1e6:.3f} MB", f"{r['step_memory'] / 1e6:.2f} MB",
-      f"{r['median_step_ms']:.1f} ms") for r in rows]
-  widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-  for j, line in enumerate(lines):
-    print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
-    if j == 0:
-      print("  ".join("-" * w for w in widths))
-
-
-def plot(rows, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for r in rows:
-    ax.plot(r["losses"], label=r["optimizer"], alpha=0.8)
-  ax.set_xlabel("fine-tuning step")
-  ax.set_ylabel("answer-token loss")
-  ax.set_yscale("log")
-  ax.legend()
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def main(argv=None):
   args = parse_args(argv)
-  model = make_model(args)
-  params = pretrained_params(model, args)
-  examples = data.make_instruction_set(args.train_examples + args.eval_examples,
-                                       seed=args.seed)
-  split = lambda a, b: data.InstructionSet(
-      examples.tokens[a:b], examples.loss_mask[a:b], examples.prompt_length[a:b],
-      examples.answers[a:b])
-  train = split(0, args.train_examples)
-  held_out = split(args.train_examples, args.train_examples + args.eval_examples)
-  baseline = exact_match(model, params, held_out)
-  names = OPTIMIZERS if args.optimizer == "all" else (args.optimizer,)
+  settings, params, tokenizer = pretrained_model(args)
+  train, held_out = instruction_data(args, tokenizer)
+  model = LlamaForCausalLM(settings)
+  baseline = exact_match(model, params, held_out, tokenizer)
   rows = []
-  for name in names:
-    tuned, result = finetune(model, params, name, train, args)
-    result["exact_match"] = exact_match(model, tuned, held_out)
+  for name in args.optimizer:
+    if name == "lora":
+      run_settings, run_params = models.add_lora(
+          settings, params, rank=args.lora_rank, alpha=args.lora_alpha,
+          rng=jax.random.PRNGKey(args.seed))
+    else:
+      run_settings, run_params = settings, params
+    run_model = LlamaForCausalLM(run_settings)
+    tuned, result = finetune(run_model, run_params, name, train, args)
+    result["exact_match"] = exact_match(run_model, tuned, held_out, tokenizer)
     rows.append(result)
-  args.out_dir.mkdir(parents=True, exist_ok=True)
-  plot(rows, args.out_dir / "finetune_loss.png")
-  print(f"\nheld-out exact match before fine-tuning: {100 * baseline:.1f}%")
-  print_table(rows)
+    if args.export:
+      export_dir = args.out_dir / f"hf_{name}"
+      models.save_hf_checkpoint(export_dir, run_settings, tuned)
+      if hasattr(tokenizer, "save"):
+        tokenizer.save(export_dir)
+      print(f"saved {export_dir}")
+  common.plot_losses({r["optimizer"]: r["losses"] for r in rows},
+                     args.out_dir / "finetune_loss.png", xlabel="fine-tuning step",
+                     ylabel="answer-token loss")
+  print(f"\nheld-out exact match before fine-tuning: {100 * baseline:.1f}% "
+        f"({len(held_out.answers)} prompts)")
+  common.print_table(
+      ("optimizer", "final loss", "exact match", "state bytes", "step memory",
+       "median step"),
+      [(r["optimizer"], f"{r['final_loss']:.4f}", f"{100 * r['exact_match']:.1f}%",
+        f"{r['state_bytes'] / 1e6:.3f} MB", f"{r['step_memory'] / 1e6:.2f} MB",
+        f"{r['median_step_ms']:.1f} ms") for r in rows])
   print(f"loss plot: {args.out_dir / 'finetune_loss.png'}")
   return {"baseline_exact_match": baseline, "results": rows}
 

@@ -1,40 +1,106 @@
 """The main job's pipeline end to end on a tiny configuration."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+import pytest
 
 from blockllm_jax import data
+from blockllm_jax import models
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "finetune_llama.py"
+_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _load_demo():
-  spec = importlib.util.spec_from_file_location("finetune_llama", _SCRIPT)
+def load_example(name):
+  """Imports ``examples/<name>.py`` as a module (its siblings importable)."""
+  if str(_EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(_EXAMPLES))
+  spec = importlib.util.spec_from_file_location(name, _EXAMPLES / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
 
 
-def test_demo_runs_and_blockllm_lowers_the_answer_loss(tmp_path, capsys):
-  demo = _load_demo()
-  out = demo.main([
-      "--hidden-size", "32", "--layers", "2", "--heads", "2", "--kv-heads", "1",
-      "--pretrain-steps", "150", "--steps", "100", "--batch-size", "16",
-      "--lr", "1e-2", "--sparsity", "0.7",
-      "--train-examples", "200", "--eval-examples", "16", "--patience", "5",
-      "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out"),
-      "--no-progress"])
+# Small enough for seconds (about 2 ms a step).
+TINY = ["--hidden-size", "32", "--layers", "2", "--heads", "2", "--kv-heads", "1",
+        "--pretrain-steps", "150", "--batch-size", "16", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def demo():
+  return load_example("finetune_llama")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+def test_demo_blockllm_raises_exact_match_and_saves_memory(demo, cache_dir, tmp_path,
+                                                           capsys):
+  out = demo.main(TINY + [
+      "--optimizer", "blockllm", "adamw", "--tasks", "upper", "--steps", "1500",
+      "--lr", "1e-2", "--sparsity", "0.5", "--patience", "20", "--train-embeddings",
+      "--train-examples", "4000", "--eval-examples", "64",
+      "--cache-dir", str(cache_dir), "--out-dir", str(tmp_path / "out")])
   printed = capsys.readouterr().out
   assert "exact match" in printed and "blockllm" in printed and "adamw" in printed
   assert (tmp_path / "out" / "finetune_loss.png").stat().st_size > 0
   rows = {r["optimizer"]: r for r in out["results"]}
   ours = rows["blockllm"]
-  assert np.mean(ours["losses"][-10:]) < 0.9 * np.mean(ours["losses"][:5])
-  assert ours["state_bytes"] < 0.25 * rows["adamw"]["state_bytes"]
+  # Seen: 0% before, 34% after (AdamW 22%) on 64 held-out prompts.
+  assert ours["exact_match"] >= out["baseline_exact_match"] + 0.15
+  assert np.mean(ours["losses"][-10:]) < 0.2 * np.mean(ours["losses"][:5])
+  assert ours["state_bytes"] < 0.6 * rows["adamw"]["state_bytes"]
   assert ours["step_memory"] < rows["adamw"]["step_memory"]
-  assert ours["reselections"] >= 1
+  assert ours["reselections"] >= 2
+  # The built-in model was cached as a Hugging Face checkpoint and reloads.
+  (folder,) = [p for p in cache_dir.iterdir() if (p / "config.json").exists()]
+  settings, _ = models.load_hf_checkpoint(folder)
+  assert settings.hidden_size == 32
+
+
+def test_demo_resume_continues_bit_for_bit(demo, cache_dir, tmp_path):
+  common = ["--optimizer", "blockllm", "--steps", "24", "--save-every", "8",
+            "--lr", "1e-2", "--sparsity", "0.7", "--patience", "3",
+            "--train-examples", "64", "--eval-examples", "16",
+            "--cache-dir", str(cache_dir)]
+  straight = demo.main(TINY + common + ["--out-dir", str(tmp_path / "a")])
+  # An interrupted run: 16 of 24 steps (checkpoint at 16), then --resume.
+  demo.main(TINY + common[:3] + ["16"] + common[4:] + ["--out-dir", str(tmp_path / "b")])
+  resumed = demo.main(TINY + common + ["--out-dir", str(tmp_path / "b"), "--resume"])
+  a, b = straight["results"][0], resumed["results"][0]
+  assert a["losses"] == b["losses"]
+  assert a["exact_match"] == b["exact_match"]
+  assert b["reselections"] == a["reselections"] >= 2
+
+
+def test_demo_fine_tunes_a_local_checkpoint_with_user_data(demo, tmp_path):
+  """--model-dir with a tokenizer.json, --data with prompt/answer pairs, --export."""
+  tokenizer = data.train_bpe_tokenizer([data.embedded_corpus()[:50_000]], vocab_size=300,
+                                       save_dir=tmp_path / "model")
+  settings = models.LlamaSettings(vocab_size=tokenizer.vocab_size, hidden_size=32,
+                                  intermediate_size=64, num_attention_heads=2,
+                                  num_key_value_heads=1)
+  model = models.LlamaForCausalLM(settings)
+  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 4), np.int32))["params"]
+  models.save_hf_checkpoint(tmp_path / "model", settings, params)
+  rows = [{"question": f"double {i}", "response": str(2 * i)} for i in range(60)]
+  import json
+  (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+  out = demo.main(["--model-dir", str(tmp_path / "model"), "--data",
+                   str(tmp_path / "pairs.jsonl"), "--optimizer", "blockllm", "lora",
+                   "--steps", "10", "--batch-size", "8", "--export", "--no-progress",
+                   "--out-dir", str(tmp_path / "out")])
+  assert [r["optimizer"] for r in out["results"]] == ["blockllm", "lora"]
+  assert all(np.isfinite(r["final_loss"]) for r in out["results"])
+  for name in ("blockllm", "lora"):
+    exported, tuned = models.load_hf_checkpoint(tmp_path / "out" / f"hf_{name}")
+    assert exported.lora_rank == 0 and exported.vocab_size == settings.vocab_size
+    assert (tmp_path / "out" / f"hf_{name}" / "tokenizer.json").exists()
 
 
 def test_instruction_set_masks_only_the_answer():

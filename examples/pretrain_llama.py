@@ -1,0 +1,165 @@
+"""Pretrain a LLaMA from scratch with BlockLLM, with checkpoints and a loss plot.
+
+With no arguments: trains a small LLaMA on the English text shipped with
+Python (``pydoc_data``), evaluates on a held-out tail of the corpus, saves
+orbax checkpoints, a loss plot and a Hugging Face checkpoint
+(``config.json`` + ``model.safetensors`` + the tokenizer) that
+``transformers.LlamaForCausalLM.from_pretrained`` and
+``examples/finetune_llama.py --model-dir`` load.
+
+  python examples/pretrain_llama.py
+  python examples/pretrain_llama.py --data my_corpus.txt --tokenizer bpe
+  python examples/pretrain_llama.py --optimizer adamw --steps 2000
+  python examples/pretrain_llama.py --resume   # continue an interrupted run
+"""
+
+from __future__ import annotations
+
+import llama_common as common  # sets the offline HF environment first
+
+import argparse
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import blockllm_jax as bl
+from blockllm_jax import data
+from blockllm_jax.models import LlamaForCausalLM, causal_lm_loss, save_hf_checkpoint
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--data", type=Path, default=None,
+                 help="a local .txt/.json/.jsonl/.parquet/.csv corpus (loaded "
+                      "with `datasets`); default: the embedded pydoc_data text")
+  p.add_argument("--text-field", default="text", help="column of --data holding text")
+  p.add_argument("--optimizer", choices=("blockllm", "adamw"), default="blockllm")
+  common.add_model_arguments(p)
+  p.add_argument("--steps", type=int, default=600)
+  p.add_argument("--seq-len", type=int, default=128)
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+  p.add_argument("--warmup", type=int, default=50)
+  p.add_argument("--sparsity", type=float, default=0.5,
+                 help="BlockLLM: fraction of coordinates not trained per step")
+  p.add_argument("--patience", type=int, default=20)
+  p.add_argument("--train-embeddings", action=argparse.BooleanOptionalAction,
+                 default=True, help="let BlockLLM select the embedding and head "
+                                    "(from scratch they must learn too)")
+  p.add_argument("--eval-every", type=int, default=100)
+  p.add_argument("--eval-batches", type=int, default=8)
+  p.add_argument("--save-every", type=int, default=200)
+  p.add_argument("--resume", action="store_true",
+                 help="continue from the latest checkpoint in --out-dir")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out-dir", type=Path, default=Path("runs/pretrain"))
+  p.add_argument("--no-progress", action="store_true")
+  return p.parse_args(argv)
+
+
+def make_optimizer(args):
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, args.lr, args.warmup, max(args.steps, args.warmup + 1), args.lr / 10)
+  if args.optimizer == "adamw":
+    return optax.adamw(schedule, weight_decay=0.0)
+  eligible = (lambda path, leaf: True) if args.train_embeddings else None
+  return bl.blockllm(schedule, sparsity=args.sparsity, patience=args.patience,
+                     eligible=eligible)
+
+
+def window_sampler(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+  """Random windows of ``tokens``; batch ``t`` depends only on (seed, t)."""
+  if tokens.size <= seq_len:
+    raise ValueError(f"The corpus has {tokens.size} tokens; --seq-len {seq_len} "
+                     "needs more.")
+
+  def batch_at(step):
+    starts = common.step_rng(seed, step).integers(0, tokens.size - seq_len, batch_size)
+    return (jnp.asarray(np.stack([tokens[s:s + seq_len] for s in starts])),)
+  return batch_at
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  corpus = (data.load_text(args.data, text_field=args.text_field) if args.data
+            else data.embedded_corpus())
+  tokenizer = common.corpus_tokenizer(args.tokenizer, corpus, args.out_dir / "tokenizer",
+                                      args.bpe_vocab)
+  tokens = np.asarray(tokenizer.encode(corpus), np.int32)
+  split = int(0.95 * tokens.size)  # the tail is held out for evaluation
+  train_tokens, eval_tokens = tokens[:split], tokens[split:]
+  settings = common.llama_settings(args, tokenizer.vocab_size)
+  model = LlamaForCausalLM(settings)
+  params = model.init(jax.random.PRNGKey(args.seed),
+                      jnp.zeros((1, 8), jnp.int32))["params"]
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  print(f"{num_params / 1e6:.2f}M parameters, {tokens.size} tokens "
+        f"({tokens.size / max(len(corpus), 1):.2f} per character), "
+        f"{args.optimizer}")
+  tx = make_optimizer(args)
+  opt_state = tx.init(params)
+
+  def loss_fn(params, tokens):
+    return causal_lm_loss(model.apply({"params": params}, tokens), tokens)
+
+  def step(params, opt_state, tokens):
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+    updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  memory = bl.compiled_memory(step, params, opt_state,
+                              jnp.zeros((args.batch_size, args.seq_len), jnp.int32),
+                              donate_argnums=(0, 1))
+  eval_loss = jax.jit(loss_fn)
+  eval_batches = [window_sampler(eval_tokens, args.seq_len, args.batch_size,
+                                 args.seed + 1)(i)[0] for i in range(args.eval_batches)]
+  evaluations = {}  # str(step) -> held-out loss; JSON keys for the checkpoint
+
+  def evaluate(params):
+    return float(np.mean([eval_loss(params, b) for b in eval_batches]))
+
+  def on_step(t, loss, params):
+    if (t + 1) % args.eval_every == 0 or t + 1 == args.steps:
+      evaluations[str(t + 1)] = evaluate(params)
+
+  checkpoints = common.TrainCheckpoints(args.out_dir / "checkpoints", args.save_every)
+  params, opt_state, losses, seconds = common.train(
+      jax.jit(step, donate_argnums=(0, 1)), params, opt_state,
+      window_sampler(train_tokens, args.seq_len, args.batch_size, args.seed),
+      args.steps, desc=f"pretrain {args.optimizer}", checkpoints=checkpoints,
+      resume=args.resume, progress=not args.no_progress, on_step=on_step,
+      extras=evaluations)
+  checkpoints.close()
+  if str(args.steps) not in evaluations:
+    evaluations[str(args.steps)] = evaluate(params)
+  eval_steps = sorted(int(k) for k in evaluations)
+  eval_losses = [evaluations[str(k)] for k in eval_steps]
+
+  export_dir = args.out_dir / "hf"
+  save_hf_checkpoint(export_dir, settings, params)
+  if hasattr(tokenizer, "save"):
+    tokenizer.save(export_dir)
+  common.plot_losses({f"{args.optimizer} train": losses}, args.out_dir / "pretrain_loss.png",
+                     xlabel="step", ylabel="next-token loss",
+                     points={"held-out": (eval_steps, eval_losses)})
+  final_eval = eval_losses[-1]
+  common.print_table(
+      ("optimizer", "params", "train loss", "held-out loss", "perplexity",
+       "state bytes", "step memory", "median step"),
+      [(args.optimizer, f"{num_params / 1e6:.2f}M", f"{np.mean(losses[-20:]):.4f}",
+        f"{final_eval:.4f}", f"{np.exp(final_eval):.1f}",
+        f"{bl.state_bytes(opt_state) / 1e6:.3f} MB", f"{memory.total / 1e6:.2f} MB",
+        f"{common.median_step_ms(seconds):.1f} ms")])
+  print(f"loss plot: {args.out_dir / 'pretrain_loss.png'}")
+  print(f"Hugging Face checkpoint: {export_dir}")
+  return {"losses": losses, "eval_steps": eval_steps, "eval_losses": eval_losses,
+          "export_dir": export_dir,
+          "params": params}
+
+
+if __name__ == "__main__":
+  main()
