@@ -264,9 +264,7 @@ def main(argv=None):
     rows.append(result)
     if args.export:
       export_dir = args.out_dir / f"hf_{name}"
-      models.save_hf_checkpoint(export_dir, run_settings, tuned)
-      if hasattr(tokenizer, "save"):
-        tokenizer.save(export_dir)
+      models.save_hf_checkpoint(export_dir, run_settings, tuned, tokenizer=tokenizer)
       print(f"saved {export_dir}")
   common.plot_losses({r["optimizer"]: r["losses"] for r in rows},
                      args.out_dir / "finetune_loss.png", xlabel="fine-tuning step",

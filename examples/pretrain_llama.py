@@ -140,9 +140,7 @@ def main(argv=None):
   eval_losses = [evaluations[str(k)] for k in eval_steps]
 
   export_dir = args.out_dir / "hf"
-  save_hf_checkpoint(export_dir, settings, params)
-  if hasattr(tokenizer, "save"):
-    tokenizer.save(export_dir)
+  save_hf_checkpoint(export_dir, settings, params, tokenizer=tokenizer)
   common.plot_losses({f"{args.optimizer} train": losses}, args.out_dir / "pretrain_loss.png",
                      xlabel="step", ylabel="next-token loss",
                      points={"held-out": (eval_steps, eval_losses)})

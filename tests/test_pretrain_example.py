@@ -1,6 +1,8 @@
 """examples/pretrain_llama.py on a tiny configuration: training, held-out
 evaluation, interruption and bit-for-bit resume, Hugging Face export."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -60,3 +62,8 @@ def test_pretraining_with_a_bpe_tokenizer_exports_it(pretrain, tmp_path):
   assert tokenizer.decode(tokenizer.encode("def f(x): return x")) == "def f(x): return x"
   settings, _ = models.load_hf_checkpoint(out["export_dir"])
   assert settings.vocab_size == len(tokenizer)
+  config = json.loads((out["export_dir"] / "config.json").read_text())
+  from transformers import AutoTokenizer
+  saved = AutoTokenizer.from_pretrained(out["export_dir"])
+  assert (config["bos_token_id"], config["eos_token_id"]) == (
+      saved.bos_token_id, saved.eos_token_id) == (1, 2)

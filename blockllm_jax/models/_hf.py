@@ -332,7 +332,7 @@ def _size_bytes(size: Union[int, str]) -> int:
 
 def save_hf_checkpoint(path: Union[str, Path], settings: LlamaSettings, params,
                        *, max_shard_size: Union[int, str, None] = None,
-                       dtype: Any = None) -> None:
+                       dtype: Any = None, tokenizer: Any = None) -> None:
   """Writes an HF LLaMA checkpoint that ``transformers`` and
   :func:`load_hf_checkpoint` read.
 
@@ -349,6 +349,10 @@ def save_hf_checkpoint(path: Union[str, Path], settings: LlamaSettings, params,
       shard, listed in ``model.safetensors.index.json``. A tensor larger than
       the limit gets a shard of its own.
     dtype: tensor dtype to write; None keeps each parameter's.
+    tokenizer: optional tokenizer of :mod:`blockllm_jax.data` (``bos_id``,
+      ``eos_id``, ``pad_id``, ``save``): its special-token ids go into
+      ``config.json`` (``generate()`` reads them there) and its files are
+      saved beside the weights.
 
   Raises:
     ValueError: when ``params`` do not match ``settings``, naming the paths.
@@ -388,6 +392,11 @@ def save_hf_checkpoint(path: Union[str, Path], settings: LlamaSettings, params,
     if old.name in (SINGLE_FILE, INDEX_FILE) or _SHARD_RE.fullmatch(old.name):
       old.unlink()
   config = hf_config_dict(settings, out_dtype(("model", "embed_tokens", "embedding")))
+  if tokenizer is not None:
+    config.update(bos_token_id=int(tokenizer.bos_id), eos_token_id=int(tokenizer.eos_id),
+                  pad_token_id=int(tokenizer.pad_id))
+    if hasattr(tokenizer, "save"):
+      tokenizer.save(folder)
   (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
   weight_map, total = {}, 0
   for k, names in enumerate(shards):
