@@ -136,3 +136,18 @@ def keep_top_fraction(direction: jax.Array, fraction) -> jax.Array:
   k = jnp.clip(jnp.ceil(fraction * size).astype(jnp.int32), 1, size)
   threshold = jnp.sort(magnitude)[size - k]
   return jnp.where(magnitude >= threshold, direction, 0)
+
+
+def pack_leaves(leaves: Sequence[jax.Array], capacity: int,
+                dtype) -> jax.Array:
+  """Flattens ``leaves`` in order into one ``dtype[capacity]`` vector.
+
+  Leaf ``k`` lands at the sum of the sizes before it; the tail after the
+  last leaf is zero.
+  """
+  parts = [leaf.reshape(-1).astype(dtype) for leaf in leaves]
+  used = sum(int(part.shape[0]) for part in parts)
+  if used > capacity:
+    raise ValueError(f"{used} coordinates do not fit into {capacity}.")
+  parts.append(jnp.zeros([capacity - used], dtype))
+  return jnp.concatenate(parts)

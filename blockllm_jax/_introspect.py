@@ -68,3 +68,16 @@ def selected(state, params) -> Any:
 def reselection_count(state) -> jax.Array:
   """Number of selections made so far, the first one included (int32)."""
   return find_state(state).selection_count
+
+
+def active_block(state) -> jax.Array:
+  """Position of the block BAdam / BREAD trained at the last step (int32).
+
+  -1 before the first step. Positions index the blocks in ascending order,
+  as :func:`blockllm_jax.block_partition` lists them.
+  """
+  inner = find_state(state)
+  if not hasattr(inner, "active_block"):
+    raise ValueError("`state` holds a BlockLLM state, which selects leaves, "
+                     "not blocks; use `blockllm_jax.selected`.")
+  return inner.active_block

@@ -83,13 +83,13 @@ class LeafLayout(NamedTuple):
     return int(sum(self.sizes))
 
 
-def _mask_leaves(eligible, tree, treedef) -> list:
+def _mask_leaves(eligible, tree, treedef, name: str = "eligible") -> list:
   """Flattens a user mask pytree to one bool per leaf of ``tree``."""
   try:
     mask_leaves = treedef.flatten_up_to(eligible)
   except (ValueError, TypeError) as err:
     raise ValueError(
-        "`eligible` must be None, a predicate `(path, leaf) -> bool`, or a "
+        f"`{name}` must be None, a predicate `(path, leaf) -> bool`, or a "
         "pytree of bools with the same structure as the parameters; the mask "
         f"does not match the parameter tree: {err}"
     ) from None

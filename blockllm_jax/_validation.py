@@ -80,3 +80,11 @@ def static_int(name: str, value: Any, minimum: int) -> int:
 def static_float(name: str, value: Any) -> float:
   _require_concrete(name, value, "number")
   return float(np.asarray(value))
+
+
+def check_choice(name: str, value: Any, choices) -> None:
+  """Raises ``ValueError`` unless ``value`` is one of ``choices``."""
+  if not isinstance(value, str) or value not in choices:
+    raise ValueError(
+        f"`{name}` must be one of {', '.join(repr(c) for c in choices)}; "
+        f"got {value!r}.")

@@ -1,4 +1,4 @@
-"""Fine-tune a LLaMA with BlockLLM and compare with AdamW (and LoRA).
+"""Fine-tune a LLaMA with BlockLLM and compare with AdamW (LoRA, BAdam, BREAD).
 
 With no arguments: pretrains (or reuses from --cache-dir) a small LLaMA on
 the English text shipped with Python, fine-tunes it on a generated
@@ -34,11 +34,12 @@ from blockllm_jax import data
 from blockllm_jax import models
 from blockllm_jax.models import LlamaForCausalLM, causal_lm_loss
 
-OPTIMIZERS = ("blockllm", "adamw", "lora")
+OPTIMIZERS = ("blockllm", "adamw", "lora", "badam", "bread")
 DEFAULT_OPTIMIZERS = ("blockllm", "adamw")
 # The best of {1e-3, 2e-3, 5e-3} (1e-2 for LoRA) for each method on the
 # default task at 2000 steps; AdamW diverges from the task above 2e-3.
-DEFAULT_LR = {"blockllm": 2e-3, "adamw": 1e-3, "lora": 5e-3}
+DEFAULT_LR = {"blockllm": 2e-3, "adamw": 1e-3, "lora": 5e-3, "badam": 2e-3,
+              "bread": 2e-3}
 
 
 def parse_args(argv=None):
@@ -68,8 +69,14 @@ def parse_args(argv=None):
   p.add_argument("--sparsity", type=float, default=0.9)
   p.add_argument("--patience", type=int, default=50)
   p.add_argument("--train-embeddings", action="store_true",
-                 help="let BlockLLM also select the embedding and output head "
-                      "(excluded by default, as in the paper)")
+                 help="let BlockLLM select, and BAdam / BREAD make blocks of, the "
+                      "embedding and output head (excluded by default, as in the papers)")
+  p.add_argument("--switch-every", type=int, default=100,
+                 help="BAdam / BREAD: steps per block")
+  p.add_argument("--block-order", choices=("random", "ascending", "descending"),
+                 default="random", help="BAdam / BREAD: order of the blocks")
+  p.add_argument("--correction-scale", type=float, default=1.0,
+                 help="BREAD: SGD step of the inactive blocks, as a multiple of --lr")
   p.add_argument("--lora-rank", type=int, default=8)
   p.add_argument("--lora-alpha", type=float, default=16.0)
   p.add_argument("--train-examples", type=int, default=4000)
@@ -172,6 +179,14 @@ def make_optimizer(name, args, params):
                           models.lora_mask(params))
     return optax.multi_transform({"adapter": optax.adamw(lr, weight_decay=0.0),
                                   "frozen": optax.set_to_zero()}, labels)
+  if name in ("badam", "bread"):
+    blocks = dict(switch_every=args.switch_every, order=args.block_order,
+                  include_embedding=args.train_embeddings,
+                  include_head=args.train_embeddings, seed=args.seed)
+    if name == "badam":
+      return bl.badam(lr, **blocks)
+    return bl.bread(lr, correction="sgd", correction_scale=args.correction_scale,
+                    **blocks)
   eligible = (lambda path, leaf: True) if args.train_embeddings else None
   return bl.blockllm(lr, sparsity=args.sparsity, patience=args.patience,
                      eligible=eligible)
@@ -239,7 +254,7 @@ def finetune(model, params, name, train, args):
       "state_bytes": bl.state_bytes(state), "step_memory": memory.total,
       "median_step_ms": common.median_step_ms(seconds),
   }
-  if name == "blockllm":
+  if name in ("blockllm", "badam", "bread"):
     result["reselections"] = int(bl.reselection_count(state))
   return params, result
 
@@ -273,10 +288,11 @@ def main(argv=None):
         f"({len(held_out.answers)} prompts)")
   common.print_table(
       ("optimizer", "final loss", "exact match", "state bytes", "step memory",
-       "median step"),
+       "median step", "selections"),
       [(r["optimizer"], f"{r['final_loss']:.4f}", f"{100 * r['exact_match']:.1f}%",
         f"{r['state_bytes'] / 1e6:.3f} MB", f"{r['step_memory'] / 1e6:.2f} MB",
-        f"{r['median_step_ms']:.1f} ms") for r in rows])
+        f"{r['median_step_ms']:.1f} ms", str(r.get("reselections", "-")))
+       for r in rows])
   print(f"loss plot: {args.out_dir / 'finetune_loss.png'}")
   return {"baseline_exact_match": baseline, "results": rows}
 
