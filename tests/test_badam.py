@@ -75,6 +75,24 @@ def test_schedule_matches_numpy_model(order, switch_every, num_layers):
   assert int(state.count) == steps
 
 
+def check_updates(tx, model, params, steps, seed=0):
+  """Runs ``tx`` on random gradients; every update and the active block must
+  match the NumPy ``model``. Returns the final state."""
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  rng = np.random.default_rng(seed)
+  for t in range(steps):
+    grads = random_grads(params, rng)
+    updates, state = update(grads, state, params)
+    want, active = model.step(ref.flat(grads), ref.flat(params))
+    for path, u in ref.flat(updates).items():
+      np.testing.assert_allclose(u, want[path], rtol=2e-5, atol=1e-8,
+                                 err_msg=f"step {t} {path}")
+    assert int(bl.active_block(state)) == active
+    params = optax.apply_updates(params, updates)
+  return state
+
+
 @pytest.mark.parametrize("order", ["ascending", "random"])
 def test_updates_match_per_block_adam_restarted_at_switches(order):
   """Adam moments and bias correction restart at every switch; the
@@ -88,18 +106,7 @@ def test_updates_match_per_block_adam_restarted_at_switches(order):
   model = ref.BlockAdamModel(block_of(params), 3, switch_every, order, seed=1,
                              always={"norm"}, learning_rate=schedule,
                              weight_decay=0.1)
-  update = jax.jit(tx.update)
-  state = tx.init(params)
-  rng = np.random.default_rng(0)
-  for t in range(steps):
-    grads = random_grads(params, rng)
-    updates, state = update(grads, state, params)
-    want, active = model.step(ref.flat(grads), ref.flat(params))
-    for path, u in ref.flat(updates).items():
-      np.testing.assert_allclose(u, want[path], rtol=2e-5, atol=1e-8,
-                                 err_msg=f"step {t} {path}")
-    assert int(bl.active_block(state)) == active
-    params = optax.apply_updates(params, updates)
+  check_updates(tx, model, params, steps)
 
 
 def test_one_block_and_no_switch_equals_adamw():

@@ -16,28 +16,13 @@ from blockllm_jax.models import causal_lm_loss
 from tests import block_reference as ref
 from tests.test_badam import _checkpoint_roundtrip
 from tests.test_badam import block_of
+from tests.test_badam import check_updates
 from tests.test_badam import layered_params
 from tests.test_badam import random_grads
 
 LLAMA = LlamaSettings(vocab_size=64, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2)
-
-
-def _check_updates(tx, model, params, steps, seed=0, dtype=jnp.float32):
-  update = jax.jit(tx.update)
-  state = tx.init(params)
-  rng = np.random.default_rng(seed)
-  for t in range(steps):
-    grads = random_grads(params, rng)
-    updates, state = update(grads, state, params)
-    want, active = model.step(ref.flat(grads), ref.flat(params))
-    for path, u in ref.flat(updates).items():
-      np.testing.assert_allclose(u, want[path], rtol=2e-5, atol=1e-8,
-                                 err_msg=f"step {t} {path}")
-    assert int(bl.active_block(state)) == active
-    params = optax.apply_updates(params, updates)
-  return state
 
 
 @pytest.mark.parametrize("correction", ["sgd", "sign_sgd"])
@@ -53,7 +38,7 @@ def test_sgd_correction_equals_the_hand_computed_update(correction, scope):
   model = ref.BlockAdamModel(block_of(params), 4, 2, "random", seed=2,
                              learning_rate=schedule, weight_decay=0.1,
                              correction=correction, scale=3.0, scope=scope)
-  state = _check_updates(tx, model, params, steps=12)
+  state = check_updates(tx, model, params, steps=12)
   inner = state[0]
   # `corrected` flags the blocks the last step corrected.
   last = int(inner.active_block)
@@ -88,7 +73,7 @@ def test_lora_correction_trains_adapters_of_inactive_blocks_with_adam(scope):
   model = ref.BlockAdamModel(blocks, 3, 2, "ascending", adapters=adapters,
                              learning_rate=lambda t: 1e-2, correction="lora",
                              scale=2.0, scope=scope)
-  state = _check_updates(tx, model, params, steps=10)
+  state = check_updates(tx, model, params, steps=10)
   size = lambda paths: sum(int(np.prod(flat[p].shape)) for p in paths)
   periods = []
   for active in range(3):
