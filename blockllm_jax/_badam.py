@@ -223,7 +223,6 @@ def _scale_by_block_adam(
       raise ValueError("`weight_decay` > 0 needs `params` in `update`.")
     partition = partition_of(updates)
     layout = partition.layout
-    flat_updates = layout.treedef.flatten_up_to(updates)
     if not layout.eligible_index:
       return updates, state
     plan = _plan(partition, correction, scope)
@@ -233,7 +232,7 @@ def _scale_by_block_adam(
           f"tree needs {plan.capacity}: was it initialised for other params?")
     flat_params = (layout.treedef.flatten_up_to(params)
                    if use_weight_decay else None)
-    grads = [flat_updates[i] for i in layout.eligible_index]
+    grads = layout.eligible_leaves(updates)
     role = partition.role
 
     # A step is skipped when what it uses is not finite: the loss (if
@@ -283,6 +282,7 @@ def _scale_by_block_adam(
     offset = jnp.asarray(plan.offset)[schedule.active]
     adam = period | jnp.asarray(np.asarray(role) == _blocks.ALWAYS_ACTIVE)
     adam_now, corrected_now = adam & finite, corrected & finite
+    leaf_updates = []
     for i, grad in enumerate(grads):
       out_dtype = jnp.promote_types(grad.dtype, jnp.float32)
       window = _compact.read_leaf(direction, offset[i], layout.sizes[i])
@@ -300,11 +300,7 @@ def _scale_by_block_adam(
           step = jnp.sign(step)
         update = jnp.where(corrected_now[i], correction_scale * step,
                            update)
-      flat_updates[layout.eligible_index[i]] = update
-    trained = set(layout.eligible_index)
-    for i, leaf in enumerate(flat_updates):
-      if i not in trained:
-        flat_updates[i] = jnp.zeros_like(leaf)
+      leaf_updates.append(update)
 
     step = finite.astype(jnp.int32)
     keep = lambda new, old: jnp.where(finite, new, old)
@@ -322,7 +318,7 @@ def _scale_by_block_adam(
             finite & schedule.switch).astype(jnp.int32),
         skipped_count=state.skipped_count + (1 - step),
     )
-    return layout.treedef.unflatten(flat_updates), new_state
+    return layout.updates_tree(updates, leaf_updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -203,7 +203,6 @@ def scale_by_blockllm(
     if use_weight_decay and params is None:
       raise ValueError("`weight_decay` > 0 needs `params` in `update`.")
     layout = _layout.build_layout(updates, eligible)
-    flat_updates = layout.treedef.flatten_up_to(updates)
     if not layout.eligible_index:
       return updates, state
     flat_params = (layout.treedef.flatten_up_to(params)
@@ -211,7 +210,7 @@ def scale_by_blockllm(
     capacity = state.mu.shape[0]
     sizes = layout.sizes
     sizes_array = jnp.asarray(sizes, jnp.int32)
-    grads = [flat_updates[i] for i in layout.eligible_index]
+    grads = layout.eligible_leaves(updates)
 
     loss = jnp.asarray(value, jnp.float32)
     if loss.shape != ():
@@ -252,6 +251,7 @@ def scale_by_blockllm(
     # buffers through the conds instead makes XLA copy them once per leaf.
     active = selected & finite
     new_leaf_count = leaf_count + active.astype(jnp.int32)
+    directions = []
     for i, grad in enumerate(grads):
       size, off = sizes[i], offset[i]
       mu_leaf = _compact.read_leaf(mu, off, size)
@@ -276,11 +276,7 @@ def scale_by_blockllm(
                                              grad, mu_leaf, nu_leaf)
       mu = _compact.write_leaf(mu, mu_leaf, off)
       nu = _compact.write_leaf(nu, nu_leaf, off)
-      flat_updates[layout.eligible_index[i]] = direction
-    eligible_positions = set(layout.eligible_index)
-    for i, leaf in enumerate(flat_updates):
-      if i not in eligible_positions:
-        flat_updates[i] = jnp.zeros_like(leaf)
+      directions.append(direction)
 
     step = finite.astype(jnp.int32)
     loss_window, loss_count = _loss_trigger.push_loss(
@@ -302,7 +298,7 @@ def scale_by_blockllm(
         selection_count=state.selection_count + do_select.astype(jnp.int32),
         skipped_count=state.skipped_count + (1 - step),
     )
-    return layout.treedef.unflatten(flat_updates), new_state
+    return layout.updates_tree(updates, directions), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

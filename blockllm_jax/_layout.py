@@ -82,6 +82,19 @@ class LeafLayout(NamedTuple):
   def num_candidate_coordinates(self) -> int:
     return int(sum(self.sizes))
 
+  def eligible_leaves(self, tree) -> list:
+    """The eligible leaves of ``tree`` (same structure), in layout order."""
+    flat = self.treedef.flatten_up_to(tree)
+    return [flat[i] for i in self.eligible_index]
+
+  def updates_tree(self, tree, eligible_updates):
+    """``tree``'s structure with ``eligible_updates`` at the eligible leaves
+    and zeros (like ``tree``'s leaves) everywhere else."""
+    flat = [jnp.zeros_like(leaf) for leaf in self.treedef.flatten_up_to(tree)]
+    for i, update in zip(self.eligible_index, eligible_updates, strict=True):
+      flat[i] = update
+    return self.treedef.unflatten(flat)
+
 
 def _mask_leaves(eligible, tree, treedef, name: str = "eligible") -> list:
   """Flattens a user mask pytree to one bool per leaf of ``tree``."""
