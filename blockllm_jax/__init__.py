@@ -22,6 +22,7 @@ from blockllm_jax._introspect import selected
 from blockllm_jax._layout import DEFAULT_INELIGIBLE_PATTERN
 from blockllm_jax._layout import default_eligible
 from blockllm_jax._memory import compiled_memory
+from blockllm_jax._memory import CompiledMemory
 from blockllm_jax._memory import state_bytes
 from blockllm_jax._rounding import stochastic_rounding
 from blockllm_jax._rounding import StochasticRoundingState
@@ -35,6 +36,7 @@ __all__ = (
     "blockllm",
     "bread",
     "compiled_memory",
+    "CompiledMemory",
     "default_eligible",
     "DEFAULT_INELIGIBLE_PATTERN",
     "layer_blocks",

@@ -34,6 +34,17 @@ class CompiledMemory(NamedTuple):
     """Bytes live during a call: arguments + outputs + temporaries - aliased."""
     return self.argument + self.output + self.temp - self.alias
 
+  @classmethod
+  def of(cls, compiled) -> "CompiledMemory":
+    """Reads the analysis of an already compiled function
+    (``jax.jit(f).lower(*args).compile()``), e.g. the one a training loop
+    then runs, so that it is compiled only once."""
+    analysis = compiled.memory_analysis()
+    return cls(argument=int(analysis.argument_size_in_bytes),
+               output=int(analysis.output_size_in_bytes),
+               temp=int(analysis.temp_size_in_bytes),
+               alias=int(analysis.alias_size_in_bytes))
+
 
 def compiled_memory(fn, *args, donate_argnums=(), **jit_kwargs) -> CompiledMemory:
   """Compiles ``fn(*args)`` with ``jax.jit`` and reads its memory analysis.
@@ -48,12 +59,5 @@ def compiled_memory(fn, *args, donate_argnums=(), **jit_kwargs) -> CompiledMemor
   Returns:
     A :class:`CompiledMemory`.
   """
-  compiled = jax.jit(fn, donate_argnums=donate_argnums,
-                     **jit_kwargs).lower(*args).compile()
-  analysis = compiled.memory_analysis()
-  return CompiledMemory(
-      argument=int(analysis.argument_size_in_bytes),
-      output=int(analysis.output_size_in_bytes),
-      temp=int(analysis.temp_size_in_bytes),
-      alias=int(analysis.alias_size_in_bytes),
-  )
+  return CompiledMemory.of(jax.jit(fn, donate_argnums=donate_argnums,
+                                   **jit_kwargs).lower(*args).compile())

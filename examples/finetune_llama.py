@@ -135,13 +135,8 @@ def pretrained_model(args):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
 
-  tokens = np.asarray(tokenizer.encode(corpus), np.int32)
-
-  def batch_at(t):
-    starts = common.step_rng(args.seed, t).integers(
-        0, tokens.size - args.pretrain_seq_len, args.batch_size)
-    return (jnp.asarray(np.stack([tokens[s:s + args.pretrain_seq_len] for s in starts])),)
-
+  batch_at = common.window_sampler(np.asarray(tokenizer.encode(corpus), np.int32),
+                                   args.pretrain_seq_len, args.batch_size, args.seed)
   params, _, _, _ = common.train(step, params, tx.init(params), batch_at,
                                  args.pretrain_steps, desc="pretrain",
                                  progress=not args.no_progress)
@@ -241,11 +236,14 @@ def finetune(model, params, name, train, args):
     idx = common.step_rng(args.seed + 1, t).integers(0, len(train.answers), args.batch_size)
     return jnp.asarray(train.tokens[idx]), jnp.asarray(train.loss_mask[idx])
 
-  memory = bl.compiled_memory(step, params, state, *batch_at(0), donate_argnums=(0, 1))
+  # Compiled once: the loop runs the executable whose memory is reported.
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, state, *batch_at(0)).compile()
+  memory = bl.CompiledMemory.of(compiled)
   checkpoints = common.TrainCheckpoints(args.out_dir / "checkpoints" / name,
                                         args.save_every)
   params, state, losses, seconds = common.train(
-      jax.jit(step, donate_argnums=(0, 1)), jax.tree.map(jnp.copy, params), state,
+      compiled, jax.tree.map(jnp.copy, params), state,
       batch_at, args.steps, desc=f"finetune {name}", checkpoints=checkpoints,
       resume=args.resume, progress=not args.no_progress)
   checkpoints.close()

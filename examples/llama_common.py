@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -26,6 +27,19 @@ from tqdm.auto import tqdm
 def step_rng(seed: int, step: int) -> np.random.Generator:
   """The random stream of one training step: same (seed, step), same batch."""
   return np.random.default_rng([seed, step])
+
+
+def window_sampler(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+  """Random ``seq_len`` windows of ``tokens``; batch ``t`` depends only on
+  (seed, t), so a resumed run sees the batches an uninterrupted one would."""
+  if tokens.size <= seq_len:
+    raise ValueError(f"The corpus has {tokens.size} tokens; a sequence length "
+                     f"of {seq_len} needs more.")
+
+  def batch_at(step):
+    starts = step_rng(seed, step).integers(0, tokens.size - seq_len, batch_size)
+    return (jnp.asarray(np.stack([tokens[s:s + seq_len] for s in starts])),)
+  return batch_at
 
 
 class TrainCheckpoints:

@@ -71,18 +71,6 @@ def make_optimizer(args):
                      eligible=eligible)
 
 
-def window_sampler(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
-  """Random windows of ``tokens``; batch ``t`` depends only on (seed, t)."""
-  if tokens.size <= seq_len:
-    raise ValueError(f"The corpus has {tokens.size} tokens; --seq-len {seq_len} "
-                     "needs more.")
-
-  def batch_at(step):
-    starts = common.step_rng(seed, step).integers(0, tokens.size - seq_len, batch_size)
-    return (jnp.asarray(np.stack([tokens[s:s + seq_len] for s in starts])),)
-  return batch_at
-
-
 def main(argv=None):
   args = parse_args(argv)
   corpus = (data.load_text(args.data, text_field=args.text_field) if args.data
@@ -111,11 +99,13 @@ def main(argv=None):
     updates, opt_state = tx.update(grads, opt_state, params, value=loss)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  memory = bl.compiled_memory(step, params, opt_state,
-                              jnp.zeros((args.batch_size, args.seq_len), jnp.int32),
-                              donate_argnums=(0, 1))
+  batch_at = common.window_sampler(train_tokens, args.seq_len, args.batch_size, args.seed)
+  # Compiled once: the loop runs the executable whose memory is reported.
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, opt_state, *batch_at(0)).compile()
+  memory = bl.CompiledMemory.of(compiled)
   eval_loss = jax.jit(loss_fn)
-  eval_batches = [window_sampler(eval_tokens, args.seq_len, args.batch_size,
+  eval_batches = [common.window_sampler(eval_tokens, args.seq_len, args.batch_size,
                                  args.seed + 1)(i)[0] for i in range(args.eval_batches)]
   evaluations = {}  # str(step) -> held-out loss; JSON keys for the checkpoint
 
@@ -128,9 +118,8 @@ def main(argv=None):
 
   checkpoints = common.TrainCheckpoints(args.out_dir / "checkpoints", args.save_every)
   params, opt_state, losses, seconds = common.train(
-      jax.jit(step, donate_argnums=(0, 1)), params, opt_state,
-      window_sampler(train_tokens, args.seq_len, args.batch_size, args.seed),
-      args.steps, desc=f"pretrain {args.optimizer}", checkpoints=checkpoints,
+      compiled, params, opt_state, batch_at, args.steps,
+      desc=f"pretrain {args.optimizer}", checkpoints=checkpoints,
       resume=args.resume, progress=not args.no_progress, on_step=on_step,
       extras=evaluations)
   checkpoints.close()
