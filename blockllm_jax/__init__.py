@@ -19,6 +19,9 @@ from blockllm_jax._bread import scale_by_bread
 from blockllm_jax._introspect import active_block
 from blockllm_jax._introspect import reselection_count
 from blockllm_jax._introspect import selected
+from blockllm_jax._lean import lean_value_and_grad
+from blockllm_jax._lean import LeanGradients
+from blockllm_jax._lean import LeanResult
 from blockllm_jax._layout import DEFAULT_INELIGIBLE_PATTERN
 from blockllm_jax._layout import default_eligible
 from blockllm_jax._memory import compiled_memory
@@ -40,6 +43,9 @@ __all__ = (
     "default_eligible",
     "DEFAULT_INELIGIBLE_PATTERN",
     "layer_blocks",
+    "lean_value_and_grad",
+    "LeanGradients",
+    "LeanResult",
     "reselection_count",
     "scale_by_badam",
     "scale_by_blockllm",

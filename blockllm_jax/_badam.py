@@ -36,6 +36,7 @@ from blockllm_jax import _blocks
 from blockllm_jax import _compact
 from blockllm_jax import _introspect
 from blockllm_jax import _layout
+from blockllm_jax import _lean
 from blockllm_jax import _rounding
 from blockllm_jax import _validation
 
@@ -221,10 +222,12 @@ def _scale_by_block_adam(
     del extra_args
     if use_weight_decay and params is None:
       raise ValueError("`weight_decay` > 0 needs `params` in `update`.")
-    partition = partition_of(updates)
+    lean = isinstance(updates, _lean.LeanGradients)
+    tree = updates.params_like if lean else updates
+    partition = partition_of(tree)
     layout = partition.layout
     if not layout.eligible_index:
-      return updates, state
+      return (layout.updates_tree(tree, []) if lean else updates), state
     plan = _plan(partition, correction, scope)
     if plan.capacity != state.mu.shape[0]:
       raise ValueError(
@@ -232,7 +235,6 @@ def _scale_by_block_adam(
           f"tree needs {plan.capacity}: was it initialised for other params?")
     flat_params = (layout.treedef.flatten_up_to(params)
                    if use_weight_decay else None)
-    grads = layout.eligible_leaves(updates)
     role = partition.role
 
     # A step is skipped when what it uses is not finite: the loss (if
@@ -246,25 +248,38 @@ def _scale_by_block_adam(
         raise ValueError(
             f"`value` must be a scalar loss; got shape {loss.shape}.")
       finite = jnp.isfinite(loss)
-    if use_sgd:
-      for g, r in zip(grads, role):
-        if r == _blocks.BLOCK:
-          finite &= jnp.all(jnp.isfinite(g))
 
     schedule = _blocks.schedule_step(state.count, switch_every,
                                      partition.num_blocks, order, state.key,
                                      state.permutation)
     always = [i for i, r in enumerate(role) if r == _blocks.ALWAYS_ACTIVE]
+    is_always = np.asarray(role) == _blocks.ALWAYS_ACTIVE
+    adam = jnp.asarray(plan.period)[schedule.active] | jnp.asarray(is_always)
+    offset = jnp.asarray(plan.offset)[schedule.active]
+    if lean:
+      # One backward pass: the active period's and the always-active
+      # leaves' gradients land packed at their offsets; an SGD correction
+      # needs the blocks' whole gradients, as in the plain path.
+      result = updates.backward(
+          layout.eligible_index, packed=adam, offset=offset,
+          dense=[use_sgd and r == _blocks.BLOCK for r in role])
+      packed_grad, grads = result.packed, result.dense
+    else:
+      grads = layout.eligible_leaves(updates)
 
-    def gather(active):
-      members = always + [i for i in range(len(grads))
-                          if plan.period[active, i]]
-      return lambda grads: _compact.pack_leaves(
-          [grads[i] for i in members], plan.capacity, moment_dtype)
+      def gather(active):
+        members = always + [i for i in range(len(grads))
+                            if plan.period[active, i]]
+        return lambda grads: _compact.pack_leaves(
+            [grads[i] for i in members], plan.capacity, moment_dtype)
 
-    packed_grad = jax.lax.switch(
-        schedule.active, [gather(b) for b in range(partition.num_blocks)],
-        grads)
+      packed_grad = jax.lax.switch(
+          schedule.active, [gather(b) for b in range(partition.num_blocks)],
+          grads)
+    if use_sgd:
+      for g, r in zip(grads, role):
+        if r == _blocks.BLOCK:
+          finite &= jnp.all(jnp.isfinite(g))
     finite &= jnp.all(jnp.isfinite(packed_grad))
     # Period coordinates restart at a switch; always-active ones never do.
     is_period = jnp.arange(plan.capacity) >= plan.always_total
@@ -277,25 +292,23 @@ def _scale_by_block_adam(
     mu = jnp.where(finite, mu, state.mu)
     nu = jnp.where(finite, nu, state.nu)
 
-    period = jnp.asarray(plan.period)[schedule.active]
     corrected = jnp.asarray(plan.corrected)[schedule.active]
-    offset = jnp.asarray(plan.offset)[schedule.active]
-    adam = period | jnp.asarray(np.asarray(role) == _blocks.ALWAYS_ACTIVE)
     adam_now, corrected_now = adam & finite, corrected & finite
     leaf_updates = []
-    for i, grad in enumerate(grads):
-      out_dtype = jnp.promote_types(grad.dtype, jnp.float32)
+    for i in range(layout.num_eligible):
+      shape = layout.shapes[i]
+      out_dtype = jnp.promote_types(layout.dtypes[i], jnp.float32)
       window = _compact.read_leaf(direction, offset[i], layout.sizes[i])
-      adam_update = window.reshape(grad.shape).astype(out_dtype)
+      adam_update = window.reshape(shape).astype(out_dtype)
       if use_weight_decay:
         param = flat_params[layout.eligible_index[i]]
         adam_update = adam_update + weight_decay * param.astype(out_dtype)
       if use_adapter_scale and role[i] == _blocks.ADAPTER:
         adam_update = correction_scale * adam_update
       update = jnp.where(adam_now[i], adam_update,
-                         jnp.zeros(grad.shape, out_dtype))
+                         jnp.zeros(shape, out_dtype))
       if use_sgd and role[i] == _blocks.BLOCK:
-        step = grad.astype(out_dtype)
+        step = grads[i].astype(out_dtype)
         if correction == "sign_sgd":
           step = jnp.sign(step)
         update = jnp.where(corrected_now[i], correction_scale * step,
@@ -318,7 +331,7 @@ def _scale_by_block_adam(
             finite & schedule.switch).astype(jnp.int32),
         skipped_count=state.skipped_count + (1 - step),
     )
-    return layout.updates_tree(updates, leaf_updates), new_state
+    return layout.updates_tree(tree, leaf_updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

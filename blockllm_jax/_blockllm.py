@@ -19,6 +19,7 @@ from jax import lax
 from blockllm_jax import _compact
 from blockllm_jax import _introspect
 from blockllm_jax import _layout
+from blockllm_jax import _lean
 from blockllm_jax import _loss_trigger
 from blockllm_jax import _validation
 
@@ -202,33 +203,28 @@ def scale_by_blockllm(
           "the selection would never change.")
     if use_weight_decay and params is None:
       raise ValueError("`weight_decay` > 0 needs `params` in `update`.")
-    layout = _layout.build_layout(updates, eligible)
+    lean = isinstance(updates, _lean.LeanGradients)
+    layout = _layout.build_layout(
+        updates.params_like if lean else updates, eligible)
     if not layout.eligible_index:
-      return updates, state
+      return (layout.updates_tree(updates.params_like, []) if lean
+              else updates), state
     flat_params = (layout.treedef.flatten_up_to(params)
                    if use_weight_decay else None)
     capacity = state.mu.shape[0]
     sizes = layout.sizes
     sizes_array = jnp.asarray(sizes, jnp.int32)
-    grads = layout.eligible_leaves(updates)
 
     loss = jnp.asarray(value, jnp.float32)
     if loss.shape != ():
       raise ValueError(f"`value` must be a scalar loss; got shape {loss.shape}.")
-    finite = jnp.isfinite(loss)
-    for g in grads:
-      finite &= jnp.all(jnp.isfinite(g))
-
     trigger = (state.selection_count == 0) | (
         _loss_trigger.loss_improvement_stalled(
             state.loss_window, state.loss_count, loss,
             state.steps_since_selection, min_interval, stall_tolerance))
 
-    def reselect(selection):
+    def reselect(selection, norms):
       selected, offset, leaf_count, visit_count, mu, nu = selection
-      norms = jnp.stack([
-          jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)))) for g in grads
-      ])
       scores = norms / (1 + visit_count).astype(jnp.float32)
       new_selected = _compact.greedy_fill(scores, sizes_array, capacity)
       new_offset = _compact.packed_offsets(new_selected, sizes_array)
@@ -239,43 +235,24 @@ def scale_by_blockllm(
       return (new_selected, new_offset, jnp.where(kept, leaf_count, 0),
               visit_count + new_selected.astype(jnp.int32), mu, nu)
 
-    do_select = finite & trigger
-    selected, offset, leaf_count, visit_count, mu, nu = lax.cond(
-        do_select, reselect, lambda selection: selection,
-        (state.selected, state.offset, state.leaf_count, state.visit_count,
-         state.mu, state.nu))
+    selection = (state.selected, state.offset, state.leaf_count,
+                 state.visit_count, state.mu, state.nu)
+    if lean:
+      finite, do_select, selection, leaf_update = _lean_selection(
+          updates, layout, loss, trigger, selection, reselect)
+    else:
+      finite, do_select, selection, leaf_update = _plain_selection(
+          updates, layout, loss, trigger, selection, reselect)
+    selected, offset, leaf_count, visit_count, mu, nu = selection
 
-    # Per leaf: read its moment windows, run Adam under a `lax.cond` whose
-    # operands are only leaf-sized (unselected leaves skip the arithmetic),
-    # and write the windows back outside the cond. Passing the whole moment
-    # buffers through the conds instead makes XLA copy them once per leaf.
     active = selected & finite
     new_leaf_count = leaf_count + active.astype(jnp.int32)
     directions = []
-    for i, grad in enumerate(grads):
-      size, off = sizes[i], offset[i]
-      mu_leaf = _compact.read_leaf(mu, off, size)
-      nu_leaf = _compact.read_leaf(nu, off, size)
-
-      def train_leaf(grad, mu_leaf, nu_leaf, i=i):
-        direction, mu_leaf, nu_leaf = _compact.bias_corrected_adam(
-            grad.reshape(-1).astype(moment_dtype), mu_leaf, nu_leaf,
-            new_leaf_count[i], b1, b2, eps, eps_root)
-        if use_topk:
-          direction = _compact.keep_top_fraction(direction, topk_fraction)
-        direction = direction.reshape(layout.shapes[i])
-        if use_weight_decay:
-          direction = direction + weight_decay * flat_params[
-              layout.eligible_index[i]]
-        return direction.astype(grad.dtype), mu_leaf, nu_leaf
-
-      def skip_leaf(grad, mu_leaf, nu_leaf):
-        return jnp.zeros_like(grad), mu_leaf, nu_leaf
-
-      direction, mu_leaf, nu_leaf = lax.cond(active[i], train_leaf, skip_leaf,
-                                             grad, mu_leaf, nu_leaf)
-      mu = _compact.write_leaf(mu, mu_leaf, off)
-      nu = _compact.write_leaf(nu, nu_leaf, off)
+    for i in range(layout.num_eligible):
+      param = (flat_params[layout.eligible_index[i]] if use_weight_decay
+               else None)
+      direction, mu, nu = leaf_update(i, mu, nu, offset[i], active[i],
+                                      new_leaf_count[i], param)
       directions.append(direction)
 
     step = finite.astype(jnp.int32)
@@ -298,7 +275,120 @@ def scale_by_blockllm(
         selection_count=state.selection_count + do_select.astype(jnp.int32),
         skipped_count=state.skipped_count + (1 - step),
     )
-    return layout.updates_tree(updates, directions), new_state
+    tree = updates.params_like if lean else updates
+    return layout.updates_tree(tree, directions), new_state
+
+  def finish_direction(direction, shape, dtype, param):
+    """Top-k and weight decay of one selected leaf's Adam direction."""
+    if use_topk:
+      direction = _compact.keep_top_fraction(direction, topk_fraction)
+    direction = direction.reshape(shape)
+    if use_weight_decay:
+      direction = direction + weight_decay * param
+    return direction.astype(dtype)
+
+  def _plain_selection(updates, layout, loss, trigger, selection, reselect):
+    """Tier A: the full gradient came in; skip on any non-finite entry."""
+    grads = layout.eligible_leaves(updates)
+    finite = jnp.isfinite(loss)
+    for g in grads:
+      finite &= jnp.all(jnp.isfinite(g))
+
+    def reselect_from_grads(selection):
+      norms = jnp.stack([
+          jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)))) for g in grads
+      ])
+      return reselect(selection, norms)
+
+    do_select = finite & trigger
+    selection = lax.cond(do_select, reselect_from_grads,
+                         lambda selection: selection, selection)
+
+    # Per leaf: read its moment windows, run Adam under a `lax.cond` whose
+    # operands are only leaf-sized (unselected leaves skip the arithmetic),
+    # and write the windows back outside the cond. Passing the whole moment
+    # buffers through the conds instead makes XLA copy them once per leaf.
+    def leaf_update(i, mu, nu, off, active, count, param):
+      grad, size = grads[i], layout.sizes[i]
+      mu_leaf = _compact.read_leaf(mu, off, size)
+      nu_leaf = _compact.read_leaf(nu, off, size)
+
+      def train_leaf(grad, mu_leaf, nu_leaf):
+        direction, mu_leaf, nu_leaf = _compact.bias_corrected_adam(
+            grad.reshape(-1).astype(moment_dtype), mu_leaf, nu_leaf,
+            count, b1, b2, eps, eps_root)
+        return (finish_direction(direction, grad.shape, grad.dtype, param),
+                mu_leaf, nu_leaf)
+
+      def skip_leaf(grad, mu_leaf, nu_leaf):
+        return jnp.zeros_like(grad), mu_leaf, nu_leaf
+
+      direction, mu_leaf, nu_leaf = lax.cond(active, train_leaf, skip_leaf,
+                                             grad, mu_leaf, nu_leaf)
+      return (direction, _compact.write_leaf(mu, mu_leaf, off),
+              _compact.write_leaf(nu, nu_leaf, off))
+
+    return finite, do_select, selection, leaf_update
+
+  def _lean_selection(grads, layout, loss, trigger, selection, reselect):
+    """Tiers B/C: run the deferred backward pass for what this step uses.
+
+    One backward pass packs the selected leaves' gradients and, when the
+    loss triggers a reselection, also reduces every eligible leaf's gradient
+    to its norm. If the step does reselect, a branch recomputes the forward
+    and backward pass to pack the new selection's gradients (a backward
+    pass inside the branch on the first pass's activations would hold all
+    of them at once).
+    """
+    leaves = layout.eligible_index
+    num_leaves = layout.num_eligible
+    finite_loss = jnp.isfinite(loss)
+    selected, offset = selection[0], selection[1]
+    result = grads.backward(leaves, packed=selected, offset=offset,
+                            norms=jnp.full([num_leaves], trigger))
+    norms_finite = jnp.all(jnp.isfinite(result.norm_sq))
+    do_select = finite_loss & trigger & norms_finite
+
+    def reselect_and_pack(selection):
+      selection = reselect(selection, jnp.sqrt(result.norm_sq))
+      packed = grads.recompute().backward(
+          leaves, packed=selection[0], offset=selection[1]).packed
+      return selection, packed
+
+    selection, packed = lax.cond(do_select, reselect_and_pack,
+                                 lambda selection: (selection, result.packed),
+                                 selection)
+    finite = (finite_loss & (norms_finite | ~trigger)
+              & jnp.all(jnp.isfinite(packed)))
+    selected, offset, leaf_count, visit_count, mu, nu = selection
+
+    # Adam on the packed buffer at once: it holds exactly the selected
+    # leaves' gradients, in the moments' layout, up to `used`.
+    used = jnp.sum(jnp.where(selected, jnp.asarray(layout.sizes, jnp.int32),
+                             0))
+    in_use = (jnp.arange(packed.shape[0]) < used) & finite
+    mu = jnp.where(in_use, (1 - b1) * packed + b1 * mu, mu)
+    nu = jnp.where(in_use, (1 - b2) * (packed**2) + b2 * nu, nu)
+    selection = (selected, offset, leaf_count, visit_count, mu, nu)
+
+    def leaf_update(i, mu, nu, off, active, count, param):
+      shape, dtype = layout.shapes[i], layout.dtypes[i]
+      size = layout.sizes[i]
+
+      def direction():
+        return finish_direction(
+            _compact.adam_direction(_compact.read_leaf(mu, off, size),
+                                    _compact.read_leaf(nu, off, size),
+                                    count, b1, b2, eps, eps_root),
+            shape, dtype, param)
+
+      zeros = jnp.zeros(shape, dtype)
+      if use_topk:  # a sort: only for the selected leaves
+        return lax.cond(active, direction, lambda: zeros), mu, nu
+      # Elementwise: fuses with the learning rate and `apply_updates`.
+      return jnp.where(active, direction(), zeros), mu, nu
+
+    return finite, do_select, selection, leaf_update
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -119,10 +119,16 @@ def bias_corrected_adam(grad: jax.Array, mu: jax.Array, nu: jax.Array,
   """
   new_mu = (1 - b1) * grad + b1 * mu
   new_nu = (1 - b2) * (grad**2) + b2 * nu
-  mu_hat = new_mu / (1 - b1**count).astype(new_mu.dtype)
-  nu_hat = new_nu / (1 - b2**count).astype(new_nu.dtype)
-  direction = mu_hat / (jnp.sqrt(nu_hat + eps_root) + eps)
-  return direction, new_mu, new_nu
+  return (adam_direction(new_mu, new_nu, count, b1, b2, eps, eps_root),
+          new_mu, new_nu)
+
+
+def adam_direction(mu: jax.Array, nu: jax.Array, count: jax.Array, b1, b2,
+                   eps, eps_root) -> jax.Array:
+  """The bias-corrected Adam direction from already updated moments."""
+  mu_hat = mu / (1 - b1**count).astype(mu.dtype)
+  nu_hat = nu / (1 - b2**count).astype(nu.dtype)
+  return mu_hat / (jnp.sqrt(nu_hat + eps_root) + eps)
 
 
 def keep_top_fraction(direction: jax.Array, fraction) -> jax.Array:

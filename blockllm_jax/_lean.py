@@ -1,0 +1,580 @@
+"""Lean training steps: compute only the gradients a block optimizer uses.
+
+``jax.value_and_grad`` returns the whole gradient tree, and a block optimizer
+then throws most of it away: the train step holds every gradient at once
+(DESIGN.md tier A). :func:`lean_value_and_grad` returns a
+:class:`LeanGradients` instead, a *deferred* backward pass that the
+optimizer's ``update`` runs itself, asking for exactly what it needs:
+
+- tier B (gradient-lean): every parameter leaf passes through an identity
+  "tap" (``jax.custom_vjp``) whose backward rule receives that leaf's
+  gradient the moment the backward pass produces it and immediately reduces
+  it to what was asked: written into a packed buffer at the optimizer's
+  offset (selected leaves), a squared norm (steps that may reselect), or
+  nothing. So no more than a few leaf gradients are alive at a time, and
+  gradients nobody asked for are dead code that XLA removes.
+- tier C (compute-lean): calls of ``flax.linen.Dense`` are intercepted
+  (``nn.intercept_methods``) and computed by a dense product whose backward
+  computes the weight gradient ``x^T dy`` under a ``lax.cond``: an
+  unselected layer skips the matmul at run time, while the activation
+  gradient ``dy W^T`` is always computed.
+
+What to compute is decided by the optimizer after the forward pass, from its
+state and the loss: static choices (which leaves can ever be needed) are
+read by the backward rules when ``update`` traces the backward pass, and
+per-step choices (selected or not, offset, norm wanted) reach each tap as
+the cotangent of a small "control token" that the tap returns next to the
+parameter. Everything stays inside one compiled step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.extend.core as jex_core
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from blockllm_jax import _introspect
+from blockllm_jax import _layout
+
+# Offsets travel through a float32 cotangent as ``high * 2**12 + low``, both
+# parts exact integers in float32 (< 2**24), which covers offsets < 2**36.
+_OFFSET_SPLIT = 4096
+_CONTROL = 4  # need_packed, need_norm, offset_high, offset_low
+
+
+def _encode_offset(offset):
+  offset = offset.astype(jnp.int32)
+  return ((offset // _OFFSET_SPLIT).astype(jnp.float32),
+          (offset % _OFFSET_SPLIT).astype(jnp.float32))
+
+
+def _decode_control(control):
+  need_packed = control[0] > 0
+  need_norm = control[1] > 0
+  offset = (control[2].astype(jnp.int32) * _OFFSET_SPLIT +
+            control[3].astype(jnp.int32))
+  return need_packed, need_norm, offset
+
+
+@dataclasses.dataclass
+class _Request:
+  """Static part of one backward pass, read by the backward rules when the
+  optimizer traces it (they run at that time, not at the forward pass)."""
+
+  live: tuple = ()  # bool per slot: the slot's gradient may be used.
+  dense: tuple = ()  # bool per slot: return the slot's whole gradient.
+  want_packed: bool = False
+  want_norms: bool = False
+
+
+class _Sinks(NamedTuple):
+  """Static description of the reductions a backward rule performs."""
+
+  request: _Request
+  capacity: int
+  packed_dtype: Any
+  num_slots: int
+
+
+def _reduce_gradient(sinks: _Sinks, slot: int, grad, control):
+  """A leaf gradient -> (packed contribution, norm contribution)."""
+  need_packed, need_norm, offset = _decode_control(control)
+  request = sinks.request
+  packed_ct = norm_ct = None
+  size = int(np.prod(grad.shape))
+  if request.want_packed and size <= sinks.capacity:
+    flat = grad.reshape(-1).astype(sinks.packed_dtype)
+    # ``zeros + dus(zeros, g, offset)`` is what XLA rewrites into an
+    # in-place update of the accumulated buffer, so each leaf costs its own
+    # size, not the buffer's. An unasked leaf adds zeros to a window.
+    packed_ct = lax.dynamic_update_slice(
+        jnp.zeros([sinks.capacity], sinks.packed_dtype),
+        jnp.where(need_packed, flat, jnp.zeros_like(flat)), (offset,))
+  if request.want_norms:
+    square = jnp.sum(jnp.square(grad.astype(jnp.float32)))
+    norm_ct = jnp.zeros([sinks.num_slots], jnp.float32).at[slot].set(
+        jnp.where(need_norm, square, 0.0))
+  return packed_ct, norm_ct
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _tap(sinks: _Sinks, slot: int, param, packed_sink, norm_sink):
+  """Identity on ``param`` plus a control token; see the module doc."""
+  del sinks, slot, packed_sink, norm_sink
+  return param, jnp.zeros([_CONTROL], jnp.float32)
+
+
+def _tap_fwd(sinks, slot, param, packed_sink, norm_sink):
+  return _tap(sinks, slot, param, packed_sink, norm_sink), None
+
+
+def _tap_bwd(sinks, slot, residual, cotangents):
+  del residual
+  grad, control = cotangents
+  if not sinks.request.live[slot]:
+    return None, None, None
+  packed_ct, norm_ct = _reduce_gradient(sinks, slot, grad, control)
+  dense_ct = grad if sinks.request.dense[slot] else None
+  return dense_ct, packed_ct, norm_ct
+
+
+_tap.defvjp(_tap_fwd, _tap_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _lean_dense(sinks: _Sinks, slot: int, param_dtype, precision, inputs,
+                kernel, packed_sink, norm_sink):
+  """``inputs @ kernel`` (last axis) whose weight gradient is conditional."""
+  del sinks, slot, param_dtype, packed_sink, norm_sink
+  return _contract(inputs, kernel, precision), jnp.zeros([_CONTROL],
+                                                          jnp.float32)
+
+
+def _contract(inputs, kernel, precision):
+  return lax.dot_general(inputs, kernel,
+                         (((inputs.ndim - 1,), (0,)), ((), ())),
+                         precision=precision)
+
+
+def _lean_dense_fwd(sinks, slot, param_dtype, precision, inputs, kernel,
+                    packed_sink, norm_sink):
+  outputs = _lean_dense(sinks, slot, param_dtype, precision, inputs, kernel,
+                        packed_sink, norm_sink)
+  return outputs, (inputs, kernel)
+
+
+def _lean_dense_bwd(sinks, slot, param_dtype, precision, residual,
+                    cotangents):
+  inputs, kernel = residual
+  out_grad, control = cotangents
+  # The activation gradient flows on whatever the optimizer wants.
+  input_grad = lax.dot_general(
+      out_grad, kernel, (((out_grad.ndim - 1,), (1,)), ((), ())),
+      precision=precision).astype(inputs.dtype)
+  request = sinks.request
+  if not request.live[slot]:
+    return input_grad, None, None, None
+  need_packed, need_norm, _ = _decode_control(control)
+  batch_axes = tuple(range(inputs.ndim - 1))
+
+  def weight_grad():
+    return lax.dot_general(inputs, out_grad, ((batch_axes, batch_axes),
+                                              ((), ())),
+                           precision=precision).astype(kernel.dtype)
+
+  if request.dense[slot]:
+    kernel_grad = weight_grad()
+  else:
+    wanted = jnp.zeros([], bool)
+    if request.want_packed:
+      wanted |= need_packed
+    if request.want_norms:
+      wanted |= need_norm
+    # The point of tier C: an unselected layer skips the matmul.
+    kernel_grad = lax.cond(wanted, weight_grad,
+                           lambda: jnp.zeros(kernel.shape, kernel.dtype))
+  # Computing the weight gradient together with the activation gradient
+  # keeps XLA from hoisting all of them ahead of their reductions.
+  input_grad, kernel_grad = lax.optimization_barrier((input_grad, kernel_grad))
+  packed_ct, norm_ct = _reduce_gradient(
+      sinks, slot, kernel_grad.astype(param_dtype), control)
+  dense_ct = kernel_grad if request.dense[slot] else None
+  return input_grad, dense_ct, packed_ct, norm_ct
+
+
+_lean_dense.defvjp(_lean_dense_fwd, _lean_dense_bwd)
+
+
+def _is_plain_dense(module) -> bool:
+  """A ``flax.linen.Dense`` whose product we can reproduce exactly."""
+  return (isinstance(module, nn.Dense)
+          and type(module).__call__ is nn.Dense.__call__
+          and module.dot_general is None and module.dot_general_cls is None
+          and module.promote_dtype is nn.dtypes.promote_dtype)
+
+
+class _DenseInterceptor:
+  """``nn.intercept_methods`` hook routing plain ``nn.Dense`` calls whose
+  kernel is one of our leaves to ``dense(module, inputs, slot)``.
+
+  A call is taken only at the trace level of the loss function: inside
+  ``nn.remat``, ``nn.scan``, ``vmap`` etc. the kernel is another object or
+  the trace differs, and the call runs unchanged.
+  """
+
+  def __init__(self, slot_of_object: dict, dense: Callable):
+    self.slot_of_object = slot_of_object
+    self.dense = dense
+    self.trace_state = jex_core.get_opaque_trace_state(convention="flax")
+    self.calls: dict = {}
+
+  def __call__(self, next_fun, args, kwargs, context):
+    module = context.module
+    if (context.method_name != "__call__" or not _is_plain_dense(module)
+        or len(args) != 1 or kwargs):
+      return next_fun(*args, **kwargs)
+    if not module.has_variable("params", "kernel"):
+      return next_fun(*args, **kwargs)  # initialisation
+    kernel = module.get_variable("params", "kernel")
+    slot = self.slot_of_object.get(id(kernel))
+    same_trace = (jex_core.get_opaque_trace_state(convention="flax")
+                  == self.trace_state)
+    if slot is None or not same_trace:
+      return next_fun(*args, **kwargs)
+    self.calls[slot] = self.calls.get(slot, 0) + 1
+    bias = (module.get_variable("params", "bias") if module.use_bias
+            else None)
+    # Promotion as nn.Dense does it, but the kernel is cast by `dense`, so
+    # that planning sees no operation on the leaf itself.
+    inputs = args[0]
+    dtype = module.dtype or jnp.result_type(
+        *[a for a in (inputs, kernel, bias) if a is not None])
+    inputs = jnp.asarray(inputs, dtype)
+    bias = None if bias is None else jnp.asarray(bias, dtype)
+    outputs = self.dense(module, inputs, kernel, slot)
+    if bias is not None:
+      outputs += jnp.reshape(bias, (1,) * (outputs.ndim - 1) + (-1,))
+    return outputs
+
+
+class LeanResult(NamedTuple):
+  """What one backward pass of :class:`LeanGradients` returns.
+
+  ``packed`` holds the asked leaves' gradients at their offsets (zeros
+  elsewhere), ``norm_sq`` the squared norms asked for (0 elsewhere),
+  ``dense`` the whole gradient of each leaf asked for in ``dense`` (None
+  for the others). Leaves are those passed to :meth:`LeanGradients.backward`.
+  """
+
+  packed: Optional[jax.Array]  # packed_dtype[capacity]
+  norm_sq: Optional[jax.Array]  # float32[len(leaves)]
+  dense: list
+
+
+class LeanGradients:
+  """A deferred backward pass, returned by :func:`lean_value_and_grad`.
+
+  Pass it to ``tx.update`` of :func:`blockllm_jax.blockllm`,
+  :func:`blockllm_jax.badam` or :func:`blockllm_jax.bread` (or their
+  ``scale_by_*`` at the head of an ``optax.chain``) in place of the gradient
+  tree: the transformation runs the backward pass asking only for what its
+  step uses. It is deliberately not a pytree, so a transformation that
+  expects gradient arrays fails loudly instead of computing on a stand-in.
+  Use it inside the same ``jax.jit`` as the call that made it.
+
+  Attributes:
+    capacity: coordinates of the packed gradient (the optimizer's buffers).
+    packed_dtype: dtype of the packed gradient (the optimizer's moments).
+    params_like: the parameters as ``jax.ShapeDtypeStruct`` leaves.
+    treedef: structure of the parameters.
+    compute_lean: flat positions of the leaves whose weight gradient is
+      computed only when asked (tier C).
+  """
+
+  def __init__(self, vjp_fn, loss, slot_of_leaf, sinks_of, params_like,
+               compute_lean, linearize):
+    self._vjp_fn = vjp_fn
+    self._linearize = linearize
+    self.params_like = params_like
+    treedef = jax.tree_util.tree_structure(params_like)
+    self._loss = loss
+    self._slot_of_leaf = slot_of_leaf
+    self._sinks_of = sinks_of
+    self.treedef = treedef
+    self.compute_lean = compute_lean
+    sinks = sinks_of(_Request())
+    self.capacity = sinks.capacity
+    self.packed_dtype = sinks.packed_dtype
+
+  def recompute(self) -> "LeanGradients":
+    """The same deferred gradient from a fresh forward pass.
+
+    A backward pass inside ``lax.cond`` that used this object's forward
+    activations would keep all of them alive for the whole branch (and XLA
+    copies operands that are used again after the branch); a branch that
+    needs a second backward pass recomputes the forward instead.
+    """
+    return self._linearize()[2]
+
+  def backward(self, leaves: Sequence[int], *,
+               packed: Optional[jax.Array] = None,
+               offset: Optional[jax.Array] = None,
+               norms: Optional[jax.Array] = None,
+               dense: Sequence[bool] = ()) -> LeanResult:
+    """Runs the backward pass for ``leaves`` (flat positions, static).
+
+    Args:
+      leaves: flat positions (``treedef`` order) of the leaves whose
+        gradients may be used; the others are never computed.
+      packed: bool[len(leaves)]: write the leaf's gradient into the packed
+        vector at ``offset``; None: no packed vector.
+      offset: int32[len(leaves)], needed with ``packed``.
+      norms: bool[len(leaves)]: compute the leaf's squared gradient norm;
+        None: no norms.
+      dense: static bool per leaf: return its whole gradient.
+
+    Returns:
+      A :class:`LeanResult`.
+    """
+    num_slots = len([s for s in self._slot_of_leaf if s is not None])
+    slots = []
+    for position in leaves:
+      slot = self._slot_of_leaf[position]
+      if slot is None:
+        raise ValueError(f"Leaf {position} is not a float parameter leaf.")
+      slots.append(slot)
+    dense = tuple(dense) or (False,) * len(slots)
+    live = [False] * num_slots
+    dense_slots = [False] * num_slots
+    for slot, is_dense in zip(slots, dense, strict=True):
+      live[slot] = True
+      dense_slots[slot] = bool(is_dense)
+    request = _Request(live=tuple(live), dense=tuple(dense_slots),
+                       want_packed=packed is not None,
+                       want_norms=norms is not None)
+    control = jnp.zeros([num_slots, _CONTROL], jnp.float32)
+    index = jnp.asarray(slots, jnp.int32)
+    if packed is not None:
+      if offset is None:
+        raise ValueError("`packed` needs `offset`.")
+      high, low = _encode_offset(jnp.asarray(offset))
+      control = control.at[index, 0].set(jnp.asarray(packed, jnp.float32))
+      control = control.at[index, 2].set(high).at[index, 3].set(low)
+    if norms is not None:
+      control = control.at[index, 1].set(jnp.asarray(norms, jnp.float32))
+    sinks = self._sinks_of(request)
+    # The backward rules read `request` now, while this call traces them.
+    self._sinks_of.current = sinks
+    packed_ct, norm_ct, param_cts = self._vjp_fn(
+        (jnp.ones_like(self._loss), tuple(control[s] for s in
+                                          range(num_slots))))
+    return LeanResult(
+        packed=packed_ct if packed is not None else None,
+        norm_sq=norm_ct[index] if norms is not None else None,
+        dense=[param_cts[slot] if d else None
+               for slot, d in zip(slots, dense)])
+
+
+class _SinksOf:
+  """Builds the :class:`_Sinks` a backward pass reads (one per request)."""
+
+  def __init__(self, capacity, packed_dtype, num_slots):
+    self.capacity = capacity
+    self.packed_dtype = packed_dtype
+    self.num_slots = num_slots
+    self.current = _Sinks(_Request(), capacity, packed_dtype, num_slots)
+
+  def __call__(self, request):
+    return _Sinks(request, self.capacity, self.packed_dtype, self.num_slots)
+
+
+class _Deferred:
+  """Hashable stand-in for ``_Sinks`` in the custom_vjp static arguments:
+  the backward rules look the request up when they are traced."""
+
+  def __init__(self, sinks_of: _SinksOf):
+    self._sinks_of = sinks_of
+
+  def __getattr__(self, name):
+    return getattr(self._sinks_of.current, name)
+
+
+def _warn_fallback(reasons: dict):
+  if reasons:
+    listed = "; ".join(f"{path}: {why}" for path, why in
+                       sorted(reasons.items())[:6])
+    more = f" (and {len(reasons) - 6} more)" if len(reasons) > 6 else ""
+    warnings.warn(
+        "compute_lean: these leaves fall back to the gradient-lean path "
+        f"(their weight gradient is computed every step): {listed}{more}.",
+        stacklevel=4)
+
+
+def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
+                        compute_lean: bool = True,
+                        warn: bool = True) -> Callable:
+  """Loss and a deferred, lean gradient for a block optimizer.
+
+  ``lean_value_and_grad(loss_fn)(params, opt_state, *args)`` evaluates
+  ``loss_fn(params, *args)`` and returns ``(loss, grads)`` like
+  ``jax.value_and_grad``, except that ``grads`` is a :class:`LeanGradients`:
+  ``tx.update(grads, opt_state, params, value=loss)`` of a
+  :func:`~blockllm_jax.blockllm`, :func:`~blockllm_jax.badam` or
+  :func:`~blockllm_jax.bread` optimizer then runs the backward pass itself
+  and computes only what its step uses. The resulting updates equal those of
+  the plain path (``jax.value_and_grad`` then ``tx.update``) up to
+  floating-point reassociation.
+
+  - The full gradient tree never exists: each leaf's gradient is reduced as
+    soon as it is produced (packed if selected, or to a squared norm on
+    steps that reselect), and gradients no step can use are not computed
+    (e.g. embeddings the optimizer may never train).
+  - BlockLLM decides after the forward pass whether this step reselects (it
+    needs the loss). If so, a first backward pass computes every eligible
+    leaf's gradient norm, the new selection is made, and a second backward
+    pass packs the newly selected gradients; other steps run one backward
+    pass. Only the loss and the gradients the step uses are checked for
+    non-finite values.
+  - ``compute_lean=True`` also intercepts ``flax.linen.Dense`` calls made
+    by ``loss_fn`` (no need to edit the model) so that the weight-gradient
+    matmul of a layer nobody needs this step is skipped at run time. Layers
+    it cannot take over (a kernel also used outside its ``Dense`` call,
+    shared between calls, or applied inside ``nn.remat`` / ``nn.scan``, or
+    a ``Dense`` with a custom ``dot_general``) keep the gradient-lean path;
+    a warning names them.
+
+  Args:
+    loss_fn: ``loss_fn(params, *args, **kwargs)`` returning a scalar loss,
+      or ``(loss, aux)`` with ``has_aux=True``.
+    has_aux: as in ``jax.value_and_grad``.
+    compute_lean: intercept ``flax.linen.Dense`` (tier C).
+    warn: warn about layers that fall back from compute-lean.
+
+  Returns:
+    ``fn(params, opt_state, *args, **kwargs) -> (loss, grads)`` (``((loss,
+    aux), grads)`` with ``has_aux``); ``opt_state`` is the state of the
+    optimizer that will consume ``grads`` (or a state containing it).
+
+  Example:
+    >>> tx = blockllm_jax.blockllm(1e-3, sparsity=0.9)
+    >>> grad_fn = blockllm_jax.lean_value_and_grad(loss_fn)
+    >>> @jax.jit
+    ... def train_step(params, opt_state, batch):
+    ...   loss, grads = grad_fn(params, opt_state, batch)
+    ...   updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+    ...   return optax.apply_updates(params, updates), opt_state, loss
+
+  References:
+    Ramesh et al., 2024 (BlockLLM). https://arxiv.org/abs/2406.17296
+    Luo, Yu and Li, 2024 (BAdam). https://arxiv.org/abs/2404.02827
+  """
+
+  def value_and_lean_grad(params, opt_state, *args, **kwargs):
+    inner = _introspect.find_state(opt_state)
+    flat, treedef = jax.tree_util.tree_flatten(params)
+    slot_of_leaf, slot_leaves = [], []
+    for position, leaf in enumerate(flat):
+      if _layout.is_float_leaf(leaf) and int(np.prod(leaf.shape)) > 0:
+        slot_of_leaf.append(len(slot_leaves))
+        slot_leaves.append(position)
+      else:
+        slot_of_leaf.append(None)
+    num_slots = len(slot_leaves)
+    sinks_of = _SinksOf(int(inner.mu.shape[0]), inner.mu.dtype, num_slots)
+    deferred = _Deferred(sinks_of)
+    paths = [_layout.path_to_str(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(params)[0]]
+
+    def call_loss(tree):
+      out = loss_fn(tree, *args, **kwargs)
+      return out if has_aux else (out, None)
+
+    lean_slots = frozenset()
+    if compute_lean and num_slots:
+      lean_slots, reasons = _plan_compute_lean(
+          call_loss, flat, treedef, slot_leaves, paths)
+      if warn:
+        _warn_fallback(reasons)
+
+    def forward(packed_sink, norm_sink, slot_params):
+      tree_leaves = list(flat)
+      tokens = [None] * num_slots
+      for slot, position in enumerate(slot_leaves):
+        if slot in lean_slots:
+          tree_leaves[position] = slot_params[slot]
+        else:
+          tree_leaves[position], tokens[slot] = _tap(
+              deferred, slot, slot_params[slot], packed_sink, norm_sink)
+      slot_of_object = {id(tree_leaves[slot_leaves[s]]): s
+                        for s in lean_slots}
+
+      def dense(module, inputs, kernel, slot):
+        outputs, tokens[slot] = _lean_dense(
+            deferred, slot, flat[slot_leaves[slot]].dtype, module.precision,
+            inputs, jnp.asarray(kernel, inputs.dtype), packed_sink,
+            norm_sink)
+        return outputs
+
+      interceptor = _DenseInterceptor(slot_of_object, dense)
+      with nn.intercept_methods(interceptor):
+        loss, aux = call_loss(treedef.unflatten(tree_leaves))
+      missing = [s for s in lean_slots if tokens[s] is None]
+      if missing:
+        raise RuntimeError(
+            "compute_lean: the loss function took a different path than "
+            f"when it was planned (layers {missing}); pass "
+            "`compute_lean=False`.")
+      return (loss, tuple(tokens)), aux
+
+    params_like = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(jnp.shape(leaf),
+                                          jnp.result_type(leaf)), params)
+
+    def linearize():
+      packed_sink = jnp.zeros([sinks_of.capacity], sinks_of.packed_dtype)
+      norm_sink = jnp.zeros([num_slots], jnp.float32)
+      slot_params = tuple(flat[p] for p in slot_leaves)
+      (loss, _), vjp_fn, aux = jax.vjp(forward, packed_sink, norm_sink,
+                                       slot_params, has_aux=True)
+      grads = LeanGradients(
+          vjp_fn, loss, tuple(slot_of_leaf), sinks_of, params_like,
+          tuple(sorted(slot_leaves[s] for s in lean_slots)), linearize)
+      return loss, aux, grads
+
+    loss, aux, grads = linearize()
+    return ((loss, aux) if has_aux else loss), grads
+
+  return value_and_lean_grad
+
+
+def _plan_compute_lean(call_loss, flat, treedef, slot_leaves, paths):
+  """Which leaves only ever feed one plain ``nn.Dense`` call (by tracing).
+
+  Returns ``(lean_slots, reasons)``: ``reasons`` maps the path of every
+  Dense kernel that cannot be taken over to why.
+  """
+  num_slots = len(slot_leaves)
+  recorded = {}
+
+  def probe(slot_params, kernels):
+    tree_leaves = list(flat)
+    for slot, position in enumerate(slot_leaves):
+      tree_leaves[position] = slot_params[slot]
+    slot_of_object = {id(slot_params[s]): s for s in range(num_slots)}
+
+    def dense(module, inputs, kernel, slot):
+      del kernel  # the copy below stands in for it
+      copy = jnp.asarray(kernels[slot], inputs.dtype)
+      return _contract(inputs, copy, module.precision)
+
+    interceptor = _DenseInterceptor(slot_of_object, dense)
+    with nn.intercept_methods(interceptor):
+      loss, _ = call_loss(treedef.unflatten(tree_leaves))
+    recorded.update(interceptor.calls)
+    return loss
+
+  slot_params = tuple(flat[p] for p in slot_leaves)
+  closed = jax.make_jaxpr(probe)(slot_params, slot_params)
+  jaxpr = closed.jaxpr
+  used = set()
+  for eqn in jaxpr.eqns:
+    used.update(v for v in eqn.invars if not isinstance(v, jex_core.Literal))
+  used.update(v for v in jaxpr.outvars if not isinstance(v, jex_core.Literal))
+  lean, reasons = set(), {}
+  for slot, count in recorded.items():
+    path = paths[slot_leaves[slot]]
+    if count > 1:
+      reasons[path] = f"used by {count} Dense calls"
+    elif jaxpr.invars[slot] in used:
+      reasons[path] = "also used outside its Dense call"
+    else:
+      lean.add(slot)
+  return frozenset(lean), reasons

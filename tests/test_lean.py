@@ -1,0 +1,302 @@
+"""Lean steps: same results as the plain path, less memory, one compilation."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import blockllm_jax as bl
+from blockllm_jax import _layout
+from blockllm_jax.models import LlamaForCausalLM
+from blockllm_jax.models import LlamaSettings
+from blockllm_jax.models import add_lora
+from blockllm_jax.models import causal_lm_loss
+
+TINY_LLAMA = LlamaSettings(vocab_size=64, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2)
+MODEL = LlamaForCausalLM(TINY_LLAMA)
+
+
+def batch_at(step, batch=4, seq=12):
+  return jax.random.randint(jax.random.PRNGKey(100 + step), (batch, seq), 0,
+                            TINY_LLAMA.vocab_size)
+
+
+def loss_of(model):
+  def loss_fn(params, tokens):
+    return causal_lm_loss(model.apply({"params": params}, tokens), tokens)
+  return loss_fn
+
+
+def llama_params(model=MODEL, seed=0):
+  return model.init(jax.random.PRNGKey(seed), batch_at(0))["params"]
+
+
+def plain_step(tx, loss_fn):
+  def step(params, state, tokens):
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+    updates, state = tx.update(grads, state, params, value=loss)
+    return optax.apply_updates(params, updates), state, loss
+  return step
+
+
+def lean_step(tx, loss_fn, compute_lean=True):
+  grad_fn = bl.lean_value_and_grad(loss_fn, compute_lean=compute_lean)
+
+  def step(params, state, tokens):
+    loss, grads = grad_fn(params, state, tokens)
+    updates, state = tx.update(grads, state, params, value=loss)
+    return optax.apply_updates(params, updates), state, loss
+  return step
+
+
+def run(step, tx, params, steps):
+  step = jax.jit(step)
+  state = tx.init(params)
+  losses = []
+  for t in range(steps):
+    params, state, loss = step(params, state, batch_at(t))
+    losses.append(float(loss))
+  return params, state, losses
+
+
+# eps=1e-6: with the default 1e-8, Adam maps a coordinate whose gradient is
+# ~1e-9 to a direction of about +-1 and so amplifies float reassociation
+# noise; a larger eps keeps the comparison about the algorithm.
+OPTIMIZERS = {
+    # patience 2: several reselections in 10 steps.
+    "blockllm": lambda: bl.blockllm(3e-3, sparsity=0.8, patience=2,
+                                    stall_tolerance=0.0, eps=1e-6),
+    # (Top-k within leaves is left out: a float-level tie flips a kept
+    # coordinate, so the two paths may legitimately differ there.)
+    "blockllm_wd": lambda: bl.blockllm(3e-3, sparsity=0.7, patience=2,
+                                       weight_decay=0.1, eps=1e-6),
+    "badam": lambda: bl.badam(3e-3, switch_every=3, order="random", eps=1e-6),
+    "bread_sgd": lambda: bl.bread(3e-3, correction="sgd", switch_every=3,
+                                  correction_scale=2.0, scope="partial",
+                                  eps=1e-6),
+}
+
+
+@pytest.mark.parametrize("compute_lean", [False, True])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_lean_path_matches_plain_path(name, compute_lean):
+  tx = OPTIMIZERS[name]()
+  loss_fn = loss_of(MODEL)
+  params = llama_params()
+  want_params, want_state, want_losses = run(plain_step(tx, loss_fn), tx,
+                                             params, 10)
+  got_params, got_state, got_losses = run(
+      lean_step(tx, loss_fn, compute_lean), tx, params, 10)
+  assert int(bl.reselection_count(got_state)) >= 3  # several (re)selections
+  assert int(bl.reselection_count(got_state)) == int(
+      bl.reselection_count(want_state))
+  assert jax.tree.map(bool, bl.selected(got_state, params)) == jax.tree.map(
+      bool, bl.selected(want_state, params))
+  np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(got_params),
+                       jax.tree.leaves(want_params)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-6)
+  moved = sum(float(jnp.sum(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(got_params), jax.tree.leaves(params)))
+  assert moved > 0
+
+
+def test_bread_lora_lean_matches_plain():
+  settings, params = add_lora(TINY_LLAMA, llama_params(), 2,
+                              jax.random.PRNGKey(1))
+  params = jax.tree.map(  # non-zero lora_b, so that lora_a moves too
+      lambda p: p + 0.01 if p.ndim == 2 and p.shape[0] == 2 else p, params)
+  tx = bl.bread(3e-3, correction="lora", switch_every=3, eps=1e-6)
+  loss_fn = loss_of(LlamaForCausalLM(settings))
+  want, _, _ = run(plain_step(tx, loss_fn), tx, params, 7)
+  got, _, _ = run(lean_step(tx, loss_fn), tx, params, 7)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("compute_lean", [False, True])
+def test_backward_packs_norms_and_dense_gradients(compute_lean):
+  params = llama_params()
+  loss_fn = loss_of(MODEL)
+  tokens = batch_at(0)
+  tx = bl.blockllm(1e-3, sparsity=0.0)  # room for any choice of leaves
+  state = tx.init(params)
+  want = jax.grad(loss_fn)(params, tokens)
+  layout = _layout.build_layout(params)
+  flat_want = layout.eligible_leaves(want)
+  rng = np.random.default_rng(0)
+  chosen = rng.random(layout.num_eligible) < 0.4
+  sizes = np.asarray(layout.sizes)
+  offset = np.cumsum(np.where(chosen, sizes, 0)) - np.where(chosen, sizes, 0)
+  asked_norms = rng.random(layout.num_eligible) < 0.5
+  dense = [i % 3 == 0 for i in range(layout.num_eligible)]
+
+  @jax.jit
+  def lean(params, state, tokens):
+    loss, grads = bl.lean_value_and_grad(
+        loss_fn, compute_lean=compute_lean)(params, state, tokens)
+    result = grads.backward(layout.eligible_index, packed=jnp.asarray(chosen),
+                            offset=jnp.asarray(offset, jnp.int32),
+                            norms=jnp.asarray(asked_norms), dense=dense)
+    return loss, result
+
+  loss, result = lean(params, state, tokens)
+  np.testing.assert_allclose(loss, loss_fn(params, tokens), rtol=1e-6)
+  capacity = state[0].mu.shape[0]
+  packed = np.zeros(capacity, np.float32)
+  for i in np.flatnonzero(chosen):
+    packed[offset[i]:offset[i] + sizes[i]] = np.ravel(flat_want[i])
+  np.testing.assert_allclose(result.packed, packed, rtol=1e-5, atol=1e-7)
+  norm_sq = [float(jnp.sum(g**2)) if asked else 0.0
+             for g, asked in zip(flat_want, asked_norms)]
+  np.testing.assert_allclose(result.norm_sq, norm_sq, rtol=1e-5, atol=1e-9)
+  for got, g, is_dense in zip(result.dense, flat_want, dense):
+    if is_dense:
+      np.testing.assert_allclose(got, g, rtol=1e-5, atol=1e-7)
+    else:
+      assert got is None
+
+
+def test_compute_lean_takes_over_every_llama_projection():
+  params = llama_params()
+  tx = bl.blockllm(1e-3)
+  state = tx.init(params)
+  seen = {}
+
+  def probe(params, state, tokens):
+    _, grads = bl.lean_value_and_grad(loss_of(MODEL))(params, state, tokens)
+    seen["lean"] = grads.compute_lean
+    return 0.0
+
+  jax.eval_shape(probe, params, state, batch_at(0))
+  paths = [_layout.path_to_str(p) for p, _ in
+           jax.tree_util.tree_flatten_with_path(params)[0]]
+  lean_paths = {paths[i] for i in seen["lean"]}
+  kernels = {p for p in paths if p.endswith("kernel")}
+  assert lean_paths == kernels  # 7 projections per layer plus lm_head
+
+
+class Awkward(nn.Module):
+  """Dense layers the interceptor must not take over, and one it may."""
+
+  @nn.compact
+  def __call__(self, x):
+    shared = nn.Dense(8, name="shared")
+    x = shared(shared(x))  # one kernel, two calls
+    x = nn.remat(nn.Dense)(8, name="remat")(x)
+    plain = nn.Dense(8, name="plain")
+    x = plain(x)
+    # The same kernel read again outside its Dense call.
+    x = x + jnp.sum(plain.variables["params"]["kernel"]) * 1e-2
+    return nn.Dense(4, use_bias=False, name="clean")(jnp.tanh(x))
+
+
+def test_fallback_warns_and_stays_exact():
+  model = Awkward()
+  x = jax.random.normal(jax.random.PRNGKey(0), (5, 8))
+  y = jax.random.normal(jax.random.PRNGKey(1), (5, 4))
+  params = model.init(jax.random.PRNGKey(2), x)["params"]
+  loss_fn = lambda p, x: jnp.mean((model.apply({"params": p}, x) - y)**2)
+  tx = bl.blockllm(1e-2, sparsity=0.5, patience=2, eligible=lambda p, l: True)
+  grad_fn = bl.lean_value_and_grad(loss_fn)
+
+  def lean(params, state, x):
+    loss, grads = grad_fn(params, state, x)
+    updates, state = tx.update(grads, state, params, value=loss)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  with pytest.warns(UserWarning) as record:
+    jax.jit(lean).lower(params, state, x)
+  message = str(record[0].message)
+  assert "shared/kernel: used by 2 Dense calls" in message
+  assert "plain/kernel: also used outside its Dense call" in message
+  assert "clean" not in message and "remat" not in message
+  lean_step_fn = jax.jit(lean)
+  plain = jax.jit(plain_step(tx, loss_fn))
+  want_params, want_state = params, tx.init(params)
+  got_params, got_state = params, tx.init(params)
+  for _ in range(6):
+    want_params, want_state, _ = plain(want_params, want_state, x)
+    got_params, got_state = lean_step_fn(got_params, got_state, x)
+  for g, w in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_lean_step_compiles_once_across_reselections():
+  tx = OPTIMIZERS["blockllm"]()
+  traces = []
+  inner = lean_step(tx, loss_of(MODEL))
+
+  def step(params, state, tokens):
+    traces.append(1)
+    return inner(params, state, tokens)
+
+  _, state, _ = run(step, tx, llama_params(), 12)
+  assert int(bl.reselection_count(state)) >= 3
+  assert len(traces) == 1
+
+
+def test_non_finite_loss_skips_the_step():
+  tx = OPTIMIZERS["blockllm"]()
+  params = llama_params()
+  grad_fn = bl.lean_value_and_grad(lambda p, t: loss_of(MODEL)(p, t) * jnp.nan)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    loss, grads = grad_fn(params, state, batch_at(0))
+    return tx.update(grads, state, params, value=loss)
+
+  updates, new_state = step(params, state)
+  assert all(float(jnp.max(jnp.abs(u))) == 0 for u in jax.tree.leaves(updates))
+  assert int(new_state[0].skipped_count) == 1
+  assert int(new_state[0].selection_count) == 0
+
+
+def test_lean_gradients_are_refused_by_other_transformations():
+  params = llama_params()
+  state = bl.blockllm(1e-3).init(params)
+
+  def step(params, state):
+    _, grads = bl.lean_value_and_grad(loss_of(MODEL))(params, state,
+                                                       batch_at(0))
+    return optax.adam(1e-3).update(grads, optax.adam(1e-3).init(params))
+
+  with pytest.raises(Exception):
+    jax.eval_shape(step, params, state)
+
+
+def _memory(step, tx, params, tokens):
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, tx.init(params), tokens).compile()
+  return bl.CompiledMemory.of(compiled)
+
+
+def test_lean_step_never_holds_the_full_gradient():
+  # Activations are tiny next to the weights here, so the gradient tree
+  # dominates the plain step's temporaries.
+  settings = LlamaSettings(vocab_size=64, hidden_size=128,
+                           intermediate_size=256, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2)
+  model = LlamaForCausalLM(settings)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), tokens)["params"]
+  loss_fn = loss_of(model)
+  tx = bl.blockllm(1e-3, sparsity=0.9)
+  layout = _layout.build_layout(params)
+  leaf_bytes = 4 * max(layout.sizes)  # one projection's gradient
+  gradient_bytes = 4 * sum(layout.sizes)
+  capacity_bytes = 4 * tx.init(params)[0].mu.shape[0]
+  plain = _memory(plain_step(tx, loss_fn), tx, params, tokens)
+  for compute_lean in (False, True):
+    lean = _memory(lean_step(tx, loss_fn, compute_lean), tx, params, tokens)
+    # The packed gradient plus a few leaves' gradients, never all of them.
+    assert lean.temp <= capacity_bytes + 4 * leaf_bytes + 2**20, (
+        lean, plain, leaf_bytes)
+    assert plain.temp >= gradient_bytes  # what the lean path avoids
+    assert lean.total < plain.total - gradient_bytes // 2
