@@ -1,0 +1,255 @@
+"""Memory and speed of lean train steps against AdamW and a static freeze.
+
+For each LLaMA size, compiles one train step per method and reads XLA's
+memory analysis (arguments, temporaries, total; works on CPU), then times
+the step (median after warm-up, same process, ratio to AdamW). Methods:
+
+- ``adamw``: ``optax.adamw`` on the full gradient.
+- ``static``: AdamW on a fixed set of leaves holding as many coordinates as
+  BlockLLM's budget, the others under ``stop_gradient``: the floor a dynamic
+  selection can approach (XLA drops the frozen gradients).
+- ``blockllm``: BlockLLM (sparsity 0.9) on ``jax.value_and_grad`` (tier A).
+- ``blockllm-lean``: ``lean_value_and_grad(..., compute_lean=False)`` (B).
+- ``blockllm-compute-lean``: ``lean_value_and_grad(...)`` (B and C).
+- ``badam`` / ``badam-compute-lean``: BAdam, plain and lean.
+
+With a GPU, ``--peak`` also runs every method in a fresh process and reports
+``peak_bytes_in_use`` (the peak cannot be reset within a process).
+
+Usage::
+
+  python examples/lean_benchmark.py                      # CPU sizes
+  python examples/lean_benchmark.py --sizes gpu-350m --dtype bfloat16 --peak
+
+Writes ``results.json``, ``memory.md`` and ``memory.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_common  # noqa: E402
+
+import blockllm_jax as bl  # noqa: E402
+from blockllm_jax.models import LlamaForCausalLM  # noqa: E402
+from blockllm_jax.models import LlamaSettings  # noqa: E402
+from blockllm_jax.models import causal_lm_loss  # noqa: E402
+
+# (layers, hidden, intermediate, heads, kv heads, vocab)
+SIZES = {
+    "cpu-4m": (4, 256, 688, 4, 2, 512),
+    "cpu-13m": (8, 384, 1024, 6, 2, 1024),
+    "cpu-37m": (12, 512, 1376, 8, 4, 2048),
+    "gpu-350m": (24, 1024, 2816, 16, 8, 32000),
+    "gpu-1b": (16, 2048, 5632, 32, 8, 32000),
+}
+METHODS = ("adamw", "static", "blockllm", "blockllm-lean",
+           "blockllm-compute-lean", "badam", "badam-compute-lean")
+SPARSITY = 0.9
+
+
+def settings_of(size: str) -> LlamaSettings:
+  layers, hidden, inter, heads, kv, vocab = SIZES[size]
+  return LlamaSettings(vocab_size=vocab, hidden_size=hidden,
+                       intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv,
+                       max_position_embeddings=4096)
+
+
+def static_mask(params):
+  """Leaves in flattening order while they fit BlockLLM's budget."""
+  layout = bl._layout.build_layout(params)
+  budget = math.ceil((1 - SPARSITY) * layout.num_candidate_coordinates)
+  capacity = max(budget, max(layout.sizes))
+  chosen, used = set(), 0
+  for index, size in zip(layout.eligible_index, layout.sizes):
+    if used + size <= capacity:
+      chosen.add(index)
+      used += size
+  flat, treedef = jax.tree_util.tree_flatten(params)
+  return treedef.unflatten([i in chosen for i in range(len(flat))])
+
+
+def build(method: str, model, params):
+  """(optimizer, train step) of one method."""
+  def loss_fn(params, tokens):
+    return causal_lm_loss(model.apply({"params": params}, tokens), tokens)
+
+  def with_grads(tx, grad_fn):
+    def step(params, opt_state, tokens):
+      loss, grads = grad_fn(params, opt_state, tokens)
+      updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+      return optax.apply_updates(params, updates), opt_state, loss
+    return tx, step
+
+  plain = lambda p, s, t: jax.value_and_grad(loss_fn)(p, t)
+  if method == "adamw":
+    return with_grads(optax.adamw(1e-4), plain)
+  if method == "static":
+    mask = static_mask(params)
+    tx = optax.masked(optax.adamw(1e-4), mask)
+
+    def frozen_loss(params, tokens):
+      params = jax.tree.map(
+          lambda m, p: p if m else jax.lax.stop_gradient(p), mask, params)
+      return loss_fn(params, tokens)
+    return with_grads(tx, lambda p, s, t: jax.value_and_grad(frozen_loss)(p, t))
+  base, _, variant = method.partition("-")
+  tx = (bl.blockllm(1e-4, sparsity=SPARSITY) if base == "blockllm"
+        else bl.badam(1e-4, switch_every=50))
+  if not variant:
+    return with_grads(tx, plain)
+  return with_grads(tx, bl.lean_value_and_grad(
+      loss_fn, compute_lean=variant == "compute-lean"))
+
+
+def measure(method, size, args, *, timed=True):
+  settings = settings_of(size)
+  dtype = jnp.dtype(args.dtype)
+  model = LlamaForCausalLM(settings, dtype=dtype)
+  tokens = jnp.zeros((args.batch, args.seq), jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), tokens)["params"]
+  tx, step = build(method, model, params)
+  opt_state = tx.init(params)
+  start = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, opt_state, tokens).compile()
+  compile_s = time.perf_counter() - start
+  memory = bl.CompiledMemory.of(compiled)
+  row = dict(method=method, size=size,
+             params=int(sum(p.size for p in jax.tree.leaves(params))),
+             state_bytes=bl.state_bytes(opt_state), argument=memory.argument,
+             output=memory.output, temp=memory.temp, alias=memory.alias,
+             total=memory.total, compile_s=compile_s)
+  if timed:
+    rng = np.random.default_rng(0)
+    seconds = []
+    for t in range(args.warmup + args.steps):
+      batch = jnp.asarray(rng.integers(0, settings.vocab_size,
+                                       (args.batch, args.seq)), jnp.int32)
+      begin = time.perf_counter()
+      params, opt_state, loss = compiled(params, opt_state, batch)
+      loss.block_until_ready()
+      if t >= args.warmup:
+        seconds.append(time.perf_counter() - begin)
+    row["step_ms"] = llama_common.median_step_ms(seconds)
+    stats = jax.devices()[0].memory_stats() or {}
+    row["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
+  return row
+
+
+def fresh_process_peak(method, size, args):
+  """Runs one method alone; its peak is the process's peak."""
+  command = [sys.executable, __file__, "--single", method, "--sizes", size,
+             "--batch", str(args.batch), "--seq", str(args.seq),
+             "--dtype", args.dtype, "--steps", "3", "--warmup", "1"]
+  out = subprocess.run(command, capture_output=True, text=True, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes_in_use"]
+
+
+def mb(x):
+  return "n/a" if x is None else f"{x / 1e6:.2f}"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--sizes", nargs="+", default=["cpu-4m", "cpu-13m",
+                                                     "cpu-37m"],
+                      choices=sorted(SIZES))
+  parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                      choices=METHODS)
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--seq", type=int, default=128)
+  parser.add_argument("--dtype", default="float32",
+                      help="activation dtype (parameters stay float32)")
+  parser.add_argument("--steps", type=int, default=10,
+                      help="timed steps per method (0: memory only)")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--peak", action="store_true",
+                      help="GPU: peak_bytes_in_use in a fresh process each")
+  parser.add_argument("--single", choices=METHODS, help=argparse.SUPPRESS)
+  parser.add_argument("--out", type=Path, default=Path("runs/lean_benchmark"))
+  args = parser.parse_args()
+
+  if args.single:
+    print(json.dumps(measure(args.single, args.sizes[0], args)))
+    return
+  args.out.mkdir(parents=True, exist_ok=True)
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+        f"jax {jax.__version__}, batch {args.batch} x seq {args.seq}, "
+        f"activations {args.dtype}")
+  rows = []
+  jobs = [(s, m) for s in args.sizes for m in args.methods]
+  for size, method in llama_common.tqdm(jobs, desc="compile + time"):
+    row = measure(method, size, args, timed=args.steps > 0)
+    if args.peak and jax.default_backend() == "gpu":
+      row["peak_bytes_in_use"] = fresh_process_peak(method, size, args)
+    rows.append(row)
+    jax.clear_caches()
+  (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+
+  header = ["size", "params", "method", "state MB", "arguments MB",
+            "temporaries MB", "total MB", "÷ static", "÷ adamw", "step ms",
+            "÷ adamw time", "GPU peak MB"]
+  table = []
+  for size in args.sizes:
+    by = {r["method"]: r for r in rows if r["size"] == size}
+    for method in args.methods:
+      r = by[method]
+      ratio = lambda key, ref: (f"{r[key] / by[ref][key]:.2f}"
+                                if ref in by and by[ref].get(key) else "")
+      table.append([size, f"{r['params'] / 1e6:.1f}M", method,
+                    mb(r["state_bytes"]), mb(r["argument"]), mb(r["temp"]),
+                    mb(r["total"]), ratio("total", "static"),
+                    ratio("total", "adamw"),
+                    f"{r['step_ms']:.1f}" if "step_ms" in r else "",
+                    ratio("step_ms", "adamw"), mb(r.get("peak_bytes_in_use"))])
+  llama_common.print_table(header, table)
+  markdown = ["| " + " | ".join(header) + " |",
+              "|" + "---|" * len(header)]
+  markdown += ["| " + " | ".join(row) + " |" for row in table]
+  (args.out / "memory.md").write_text("\n".join(markdown) + "\n")
+  plot(rows, args)
+  print(f"wrote {args.out}/results.json, memory.md, memory.png")
+
+
+def plot(rows, args):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(args.sizes), figsize=(4.5 * len(args.sizes),
+                                                        4), squeeze=False)
+  for ax, size in zip(axes[0], args.sizes):
+    by = {r["method"]: r for r in rows if r["size"] == size}
+    names = [m for m in args.methods if m in by]
+    arguments = [by[m]["argument"] / 1e6 for m in names]
+    temps = [by[m]["temp"] / 1e6 for m in names]
+    ax.bar(names, arguments, label="arguments (params, state, batch)")
+    ax.bar(names, temps, bottom=arguments, label="temporaries")
+    ax.set_title(f"{size}: compiled train step")
+    ax.set_ylabel("MB")
+    ax.tick_params(axis="x", rotation=60)
+  axes[0][0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(args.out / "memory.png", dpi=120)
+
+
+if __name__ == "__main__":
+  main()
