@@ -181,9 +181,6 @@ def _lean_dense_bwd(sinks, slot, param_dtype, precision, residual,
     # The point of tier C: an unselected layer skips the matmul.
     kernel_grad = lax.cond(wanted, weight_grad,
                            lambda: jnp.zeros(kernel.shape, kernel.dtype))
-  # Computing the weight gradient together with the activation gradient
-  # keeps XLA from hoisting all of them ahead of their reductions.
-  input_grad, kernel_grad = lax.optimization_barrier((input_grad, kernel_grad))
   packed_ct, norm_ct = _reduce_gradient(
       sinks, slot, kernel_grad.astype(param_dtype), control)
   dense_ct = kernel_grad if request.dense[slot] else None
