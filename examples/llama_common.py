@@ -7,6 +7,7 @@ exactly the data an uninterrupted one would, a terminal table and loss plots.
 
 from __future__ import annotations
 
+import copy
 import os
 
 # Must be set before transformers / datasets are imported, or a hub lookup
@@ -130,8 +131,10 @@ def train(step_fn: Callable, params, opt_state, batch_at: Callable[[int], tuple]
       if on_step is not None:
         on_step(t, loss, params)
       if checkpoints is not None and ((t + 1) % checkpoints.every == 0 or t + 1 == steps):
+        # Copies: orbax serialises in the background while the lists grow.
         checkpoints.save(t + 1, (params, opt_state),
-                         {"losses": losses, "seconds": seconds, "extras": extras or {}})
+                         {"losses": list(losses), "seconds": list(seconds),
+                          "extras": copy.deepcopy(extras or {})})
   finally:
     # Orbax writes in the background; an interrupted run still finishes
     # the checkpoint it started, so --resume finds it.
