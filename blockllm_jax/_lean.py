@@ -75,13 +75,20 @@ class _Request:
   want_norms: bool = False
 
 
-class _Sinks(NamedTuple):
-  """Static description of the reductions a backward rule performs."""
+class _Sinks:
+  """What the backward rules reduce into, and the current request.
 
-  request: _Request
-  capacity: int
-  packed_dtype: Any
-  num_slots: int
+  One object per forward pass, passed to the ``custom_vjp`` rules as a
+  static argument (a plain object: hashable by identity). Each
+  :meth:`LeanGradients.backward` call sets ``request`` before it traces
+  the rules.
+  """
+
+  def __init__(self, capacity: int, packed_dtype, num_slots: int):
+    self.capacity = capacity
+    self.packed_dtype = packed_dtype
+    self.num_slots = num_slots
+    self.request = _Request()
 
 
 def _reduce_gradient(sinks: _Sinks, slot: int, grad, control):
@@ -276,7 +283,7 @@ class LeanGradients:
       computed only when asked (tier C).
   """
 
-  def __init__(self, vjp_fn, loss, slot_of_leaf, sinks_of, params_like,
+  def __init__(self, vjp_fn, loss, slot_of_leaf, sinks, params_like,
                compute_lean, linearize):
     self._vjp_fn = vjp_fn
     self._linearize = linearize
@@ -284,10 +291,9 @@ class LeanGradients:
     treedef = jax.tree_util.tree_structure(params_like)
     self._loss = loss
     self._slot_of_leaf = slot_of_leaf
-    self._sinks_of = sinks_of
+    self._sinks = sinks
     self.treedef = treedef
     self.compute_lean = compute_lean
-    sinks = sinks_of(_Request())
     self.capacity = sinks.capacity
     self.packed_dtype = sinks.packed_dtype
 
@@ -321,7 +327,7 @@ class LeanGradients:
     Returns:
       A :class:`LeanResult`.
     """
-    num_slots = len([s for s in self._slot_of_leaf if s is not None])
+    num_slots = self._sinks.num_slots
     slots = []
     for position in leaves:
       slot = self._slot_of_leaf[position]
@@ -347,9 +353,8 @@ class LeanGradients:
       control = control.at[index, 2].set(high).at[index, 3].set(low)
     if norms is not None:
       control = control.at[index, 1].set(jnp.asarray(norms, jnp.float32))
-    sinks = self._sinks_of(request)
     # The backward rules read `request` now, while this call traces them.
-    self._sinks_of.current = sinks
+    self._sinks.request = request
     packed_ct, norm_ct, param_cts = self._vjp_fn(
         (jnp.ones_like(self._loss), tuple(control[s] for s in
                                           range(num_slots))))
@@ -358,30 +363,6 @@ class LeanGradients:
         norm_sq=norm_ct[index] if norms is not None else None,
         dense=[param_cts[slot] if d else None
                for slot, d in zip(slots, dense)])
-
-
-class _SinksOf:
-  """Builds the :class:`_Sinks` a backward pass reads (one per request)."""
-
-  def __init__(self, capacity, packed_dtype, num_slots):
-    self.capacity = capacity
-    self.packed_dtype = packed_dtype
-    self.num_slots = num_slots
-    self.current = _Sinks(_Request(), capacity, packed_dtype, num_slots)
-
-  def __call__(self, request):
-    return _Sinks(request, self.capacity, self.packed_dtype, self.num_slots)
-
-
-class _Deferred:
-  """Hashable stand-in for ``_Sinks`` in the custom_vjp static arguments:
-  the backward rules look the request up when they are traced."""
-
-  def __init__(self, sinks_of: _SinksOf):
-    self._sinks_of = sinks_of
-
-  def __getattr__(self, name):
-    return getattr(self._sinks_of.current, name)
 
 
 def _warn_fallback(reasons: dict):
@@ -465,8 +446,7 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
       else:
         slot_of_leaf.append(None)
     num_slots = len(slot_leaves)
-    sinks_of = _SinksOf(int(inner.mu.shape[0]), inner.mu.dtype, num_slots)
-    deferred = _Deferred(sinks_of)
+    sinks = _Sinks(int(inner.mu.shape[0]), inner.mu.dtype, num_slots)
     paths = [_layout.path_to_str(p) for p, _ in
              jax.tree_util.tree_flatten_with_path(params)[0]]
 
@@ -489,13 +469,13 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
           tree_leaves[position] = slot_params[slot]
         else:
           tree_leaves[position], tokens[slot] = _tap(
-              deferred, slot, slot_params[slot], packed_sink, norm_sink)
+              sinks, slot, slot_params[slot], packed_sink, norm_sink)
       slot_of_object = {id(tree_leaves[slot_leaves[s]]): s
                         for s in lean_slots}
 
       def dense(module, inputs, kernel, slot):
         outputs, tokens[slot] = _lean_dense(
-            deferred, slot, flat[slot_leaves[slot]].dtype, module.precision,
+            sinks, slot, flat[slot_leaves[slot]].dtype, module.precision,
             inputs, jnp.asarray(kernel, inputs.dtype), packed_sink,
             norm_sink)
         return outputs
@@ -516,13 +496,13 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
                                           jnp.result_type(leaf)), params)
 
     def linearize():
-      packed_sink = jnp.zeros([sinks_of.capacity], sinks_of.packed_dtype)
+      packed_sink = jnp.zeros([sinks.capacity], sinks.packed_dtype)
       norm_sink = jnp.zeros([num_slots], jnp.float32)
       slot_params = tuple(flat[p] for p in slot_leaves)
       (loss, _), vjp_fn, aux = jax.vjp(forward, packed_sink, norm_sink,
                                        slot_params, has_aux=True)
       grads = LeanGradients(
-          vjp_fn, loss, tuple(slot_of_leaf), sinks_of, params_like,
+          vjp_fn, loss, tuple(slot_of_leaf), sinks, params_like,
           tuple(sorted(slot_leaves[s] for s in lean_slots)), linearize)
       return loss, aux, grads
 
