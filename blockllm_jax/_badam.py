@@ -284,13 +284,13 @@ def _scale_by_block_adam(
     # Period coordinates restart at a switch; always-active ones never do.
     is_period = jnp.arange(plan.capacity) >= plan.always_total
     restart = schedule.switch & is_period
-    adam_count = jnp.where(is_period, schedule.block_step + 1,
-                           state.count + 1)
-    direction, mu, nu = _compact.bias_corrected_adam(
-        packed_grad, jnp.where(restart, 0, state.mu),
-        jnp.where(restart, 0, state.nu), adam_count, b1, b2, eps, eps_root)
-    mu = jnp.where(finite, mu, state.mu)
-    nu = jnp.where(finite, nu, state.nu)
+    # The moments are updated in place first and each leaf's direction is
+    # read from its windows of them: a direction computed from the old
+    # moments alongside would make XLA keep a copy of them all step.
+    mu = jnp.where(finite, (1 - b1) * packed_grad
+                   + b1 * jnp.where(restart, 0, state.mu), state.mu)
+    nu = jnp.where(finite, (1 - b2) * packed_grad**2
+                   + b2 * jnp.where(restart, 0, state.nu), state.nu)
 
     corrected = jnp.asarray(plan.corrected)[schedule.active]
     adam_now, corrected_now = adam & finite, corrected & finite
@@ -298,7 +298,13 @@ def _scale_by_block_adam(
     for i in range(layout.num_eligible):
       shape = layout.shapes[i]
       out_dtype = jnp.promote_types(layout.dtypes[i], jnp.float32)
-      window = _compact.read_leaf(direction, offset[i], layout.sizes[i])
+      # A leaf lies wholly in the always-active or in the period region.
+      adam_count = jnp.where(offset[i] >= plan.always_total,
+                             schedule.block_step + 1, state.count + 1)
+      window = _compact.adam_direction(
+          _compact.read_leaf(mu, offset[i], layout.sizes[i]),
+          _compact.read_leaf(nu, offset[i], layout.sizes[i]), adam_count,
+          b1, b2, eps, eps_root)
       adam_update = window.reshape(shape).astype(out_dtype)
       if use_weight_decay:
         param = flat_params[layout.eligible_index[i]]

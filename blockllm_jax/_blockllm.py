@@ -223,11 +223,15 @@ def scale_by_blockllm(
             state.loss_window, state.loss_count, loss,
             state.steps_since_selection, min_interval, stall_tolerance))
 
-    def reselect(selection, norms):
-      selected, offset, leaf_count, visit_count, mu, nu = selection
+    def choose(visit_count, norms):
+      """The new selection (bool[leaves]) and its offsets (int32[leaves])."""
       scores = norms / (1 + visit_count).astype(jnp.float32)
       new_selected = _compact.greedy_fill(scores, sizes_array, capacity)
-      new_offset = _compact.packed_offsets(new_selected, sizes_array)
+      return new_selected, _compact.packed_offsets(new_selected, sizes_array)
+
+    def reselect(selection, norms, chosen=None):
+      selected, offset, leaf_count, visit_count, mu, nu = selection
+      new_selected, new_offset = chosen or choose(visit_count, norms)
       kept = selected & new_selected
       fresh = new_selected & ~selected
       mu = _compact.repack(mu, sizes, offset, new_offset, kept, fresh)
@@ -239,7 +243,7 @@ def scale_by_blockllm(
                  state.visit_count, state.mu, state.nu)
     if lean:
       finite, do_select, selection, leaf_update = _lean_selection(
-          updates, layout, loss, trigger, selection, reselect)
+          updates, layout, loss, trigger, selection, reselect, choose)
     else:
       finite, do_select, selection, leaf_update = _plain_selection(
           updates, layout, loss, trigger, selection, reselect)
@@ -330,7 +334,8 @@ def scale_by_blockllm(
 
     return finite, do_select, selection, leaf_update
 
-  def _lean_selection(grads, layout, loss, trigger, selection, reselect):
+  def _lean_selection(grads, layout, loss, trigger, selection, reselect,
+                      choose):
     """Tiers B/C: run the deferred backward pass for what this step uses.
 
     One backward pass packs the selected leaves' gradients and, when the
@@ -350,14 +355,24 @@ def scale_by_blockllm(
     do_select = finite_loss & trigger & norms_finite
 
     def reselect_and_pack(selection):
-      selection = reselect(selection, jnp.sqrt(result.norm_sq))
+      chosen = choose(selection[3], jnp.sqrt(result.norm_sq))
       packed = grads.recompute().backward(
-          leaves, packed=selection[0], offset=selection[1]).packed
-      return selection, packed
+          leaves, packed=chosen[0], offset=chosen[1]).packed
+      # The selection changes only if the recomputed gradients are finite
+      # (a skipped step changes nothing). The data dependency also orders
+      # the moments' repack after the backward pass, whose peak it would
+      # otherwise add its leaf-sized temporaries to.
+      applied = jnp.all(jnp.isfinite(packed))
+      selection = lax.cond(applied,
+                           lambda selection: reselect(selection, None, chosen),
+                           lambda selection: selection, selection)
+      return selection, packed, applied
 
-    selection, packed = lax.cond(do_select, reselect_and_pack,
-                                 lambda selection: (selection, result.packed),
-                                 selection)
+    selection, packed, applied = lax.cond(
+        do_select, reselect_and_pack,
+        lambda selection: (selection, result.packed, jnp.ones([], bool)),
+        selection)
+    do_select &= applied
     finite = (finite_loss & (norms_finite | ~trigger)
               & jnp.all(jnp.isfinite(packed)))
     selected, offset, leaf_count, visit_count, mu, nu = selection

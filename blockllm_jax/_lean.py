@@ -138,11 +138,19 @@ _tap.defvjp(_tap_fwd, _tap_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _lean_dense(sinks: _Sinks, slot: int, param_dtype, precision, inputs,
-                kernel, packed_sink, norm_sink):
-  """``inputs @ kernel`` (last axis) whose weight gradient is conditional."""
-  del sinks, slot, param_dtype, packed_sink, norm_sink
-  return _contract(inputs, kernel, precision), jnp.zeros([_CONTROL],
-                                                          jnp.float32)
+                kernel, packed_chain, norm_sink):
+  """``inputs @ kernel`` (last axis) whose weight gradient is conditional.
+
+  Returns ``(outputs, control token, packed_chain)``. ``packed_chain`` is
+  passed on unchanged: the forward pass threads it through the intercepted
+  calls in execution order, so that the backward pass threads the packed
+  gradient through them in reverse and each call writes its window in place
+  (inside its ``lax.cond``: a skipped layer then costs nothing, where
+  returning a contribution would cost a leaf-sized zero array).
+  """
+  del sinks, slot, param_dtype, norm_sink
+  return (_contract(inputs, kernel, precision),
+          jnp.zeros([_CONTROL], jnp.float32), packed_chain)
 
 
 def _contract(inputs, kernel, precision):
@@ -152,46 +160,65 @@ def _contract(inputs, kernel, precision):
 
 
 def _lean_dense_fwd(sinks, slot, param_dtype, precision, inputs, kernel,
-                    packed_sink, norm_sink):
+                    packed_chain, norm_sink):
   outputs = _lean_dense(sinks, slot, param_dtype, precision, inputs, kernel,
-                        packed_sink, norm_sink)
+                        packed_chain, norm_sink)
   return outputs, (inputs, kernel)
 
 
 def _lean_dense_bwd(sinks, slot, param_dtype, precision, residual,
                     cotangents):
   inputs, kernel = residual
-  out_grad, control = cotangents
+  out_grad, control, packed = cotangents
   # The activation gradient flows on whatever the optimizer wants.
   input_grad = lax.dot_general(
       out_grad, kernel, (((out_grad.ndim - 1,), (1,)), ((), ())),
       precision=precision).astype(inputs.dtype)
   request = sinks.request
   if not request.live[slot]:
-    return input_grad, None, None, None
-  need_packed, need_norm, _ = _decode_control(control)
+    return input_grad, None, packed, None
+  need_packed, need_norm, offset = _decode_control(control)
   batch_axes = tuple(range(inputs.ndim - 1))
+  size = int(np.prod(kernel.shape))
+  packs = request.want_packed and size <= sinks.capacity
 
   def weight_grad():
     return lax.dot_general(inputs, out_grad, ((batch_axes, batch_axes),
                                               ((), ())),
                            precision=precision).astype(kernel.dtype)
 
+  def reduce(kernel_grad, packed):
+    """The packed gradient with this leaf's window added; its square norm."""
+    grad = kernel_grad.astype(param_dtype)
+    square = (jnp.sum(jnp.square(grad.astype(jnp.float32)))
+              if request.want_norms else jnp.zeros([], jnp.float32))
+    if packs:
+      flat = grad.reshape(-1).astype(sinks.packed_dtype)
+      window = lax.dynamic_slice(packed, (offset,), (size,))
+      packed = lax.dynamic_update_slice(
+          packed, window + jnp.where(need_packed, flat, jnp.zeros_like(flat)),
+          (offset,))
+    return packed, square
+
+  kernel_grad = None
   if request.dense[slot]:
     kernel_grad = weight_grad()
+    packed, square = reduce(kernel_grad, packed)
   else:
     wanted = jnp.zeros([], bool)
-    if request.want_packed:
+    if packs:
       wanted |= need_packed
     if request.want_norms:
       wanted |= need_norm
     # The point of tier C: an unselected layer skips the matmul.
-    kernel_grad = lax.cond(wanted, weight_grad,
-                           lambda: jnp.zeros(kernel.shape, kernel.dtype))
-  packed_ct, norm_ct = _reduce_gradient(
-      sinks, slot, kernel_grad.astype(param_dtype), control)
-  dense_ct = kernel_grad if request.dense[slot] else None
-  return input_grad, dense_ct, packed_ct, norm_ct
+    packed, square = lax.cond(
+        wanted, lambda packed: reduce(weight_grad(), packed),
+        lambda packed: (packed, jnp.zeros([], jnp.float32)), packed)
+  norm_ct = None
+  if request.want_norms:
+    norm_ct = jnp.zeros([sinks.num_slots], jnp.float32).at[slot].set(
+        jnp.where(need_norm, square, 0.0))
+  return input_grad, kernel_grad, packed, norm_ct
 
 
 _lean_dense.defvjp(_lean_dense_fwd, _lean_dense_bwd)
@@ -356,8 +383,9 @@ class LeanGradients:
     # The backward rules read `request` now, while this call traces them.
     self._sinks.request = request
     packed_ct, norm_ct, param_cts = self._vjp_fn(
-        (jnp.ones_like(self._loss), tuple(control[s] for s in
-                                          range(num_slots))))
+        (jnp.ones_like(self._loss),
+         tuple(control[s] for s in range(num_slots)),
+         jnp.zeros([self.capacity], self.packed_dtype)))
     return LeanResult(
         packed=packed_ct if packed is not None else None,
         norm_sq=norm_ct[index] if norms is not None else None,
@@ -473,11 +501,12 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
       slot_of_object = {id(tree_leaves[slot_leaves[s]]): s
                         for s in lean_slots}
 
+      chain = [packed_sink]
+
       def dense(module, inputs, kernel, slot):
-        outputs, tokens[slot] = _lean_dense(
+        outputs, tokens[slot], chain[0] = _lean_dense(
             sinks, slot, flat[slot_leaves[slot]].dtype, module.precision,
-            inputs, jnp.asarray(kernel, inputs.dtype), packed_sink,
-            norm_sink)
+            inputs, jnp.asarray(kernel, inputs.dtype), chain[0], norm_sink)
         return outputs
 
       interceptor = _DenseInterceptor(slot_of_object, dense)
@@ -489,7 +518,9 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
             "compute_lean: the loss function took a different path than "
             f"when it was planned (layers {missing}); pass "
             "`compute_lean=False`.")
-      return (loss, tuple(tokens)), aux
+      # The end of the chain gets a zero cotangent; the packed gradient is
+      # then the cotangent of `packed_sink`: the chain plus the taps.
+      return (loss, tuple(tokens), chain[0]), aux
 
     params_like = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(jnp.shape(leaf),
@@ -499,7 +530,7 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
       packed_sink = jnp.zeros([sinks.capacity], sinks.packed_dtype)
       norm_sink = jnp.zeros([num_slots], jnp.float32)
       slot_params = tuple(flat[p] for p in slot_leaves)
-      (loss, _), vjp_fn, aux = jax.vjp(forward, packed_sink, norm_sink,
+      (loss, _, _), vjp_fn, aux = jax.vjp(forward, packed_sink, norm_sink,
                                        slot_params, has_aux=True)
       grads = LeanGradients(
           vjp_fn, loss, tuple(slot_of_leaf), sinks, params_like,
