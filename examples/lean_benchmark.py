@@ -49,28 +49,12 @@ import llama_common  # noqa: E402
 
 import blockllm_jax as bl  # noqa: E402
 from blockllm_jax.models import LlamaForCausalLM  # noqa: E402
-from blockllm_jax.models import LlamaSettings  # noqa: E402
 from blockllm_jax.models import causal_lm_loss  # noqa: E402
 
-# (layers, hidden, intermediate, heads, kv heads, vocab)
-SIZES = {
-    "cpu-4m": (4, 256, 688, 4, 2, 512),
-    "cpu-13m": (8, 384, 1024, 6, 2, 1024),
-    "cpu-37m": (12, 512, 1376, 8, 4, 2048),
-    "gpu-350m": (24, 1024, 2816, 16, 8, 32000),
-    "gpu-1b": (16, 2048, 5632, 32, 8, 32000),
-}
+SIZES = tuple(s for s in llama_common.MODEL_SIZES if s != "tiny")
 METHODS = ("adamw", "static", "blockllm", "blockllm-lean",
            "blockllm-compute-lean", "badam", "badam-compute-lean")
 SPARSITY = 0.9
-
-
-def settings_of(size: str) -> LlamaSettings:
-  layers, hidden, inter, heads, kv, vocab = SIZES[size]
-  return LlamaSettings(vocab_size=vocab, hidden_size=hidden,
-                       intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv,
-                       max_position_embeddings=4096)
 
 
 def static_mask(params):
@@ -121,7 +105,7 @@ def build(method: str, model, params):
 
 
 def measure(method, size, args, *, timed=True):
-  settings = settings_of(size)
+  settings = llama_common.sized_settings(size)
   dtype = jnp.dtype(args.dtype)
   model = LlamaForCausalLM(settings, dtype=dtype)
   tokens = jnp.zeros((args.batch, args.seq), jnp.int32)
@@ -231,24 +215,11 @@ def main():
 
 
 def plot(rows, args):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(args.sizes), figsize=(4.5 * len(args.sizes),
-                                                        4), squeeze=False)
-  for ax, size in zip(axes[0], args.sizes):
-    by = {r["method"]: r for r in rows if r["size"] == size}
-    names = [m for m in args.methods if m in by]
-    arguments = [by[m]["argument"] / 1e6 for m in names]
-    temps = [by[m]["temp"] / 1e6 for m in names]
-    ax.bar(names, arguments, label="arguments (params, state, batch)")
-    ax.bar(names, temps, bottom=arguments, label="temporaries")
-    ax.set_title(f"{size}: compiled train step")
-    ax.set_ylabel("MB")
-    ax.tick_params(axis="x", rotation=60)
-  axes[0][0].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(args.out / "memory.png", dpi=120)
+  order = {m: i for i, m in enumerate(args.methods)}
+  common_rows = sorted((r for r in rows if r["method"] in order),
+                       key=lambda r: (args.sizes.index(r["size"]),
+                                      order[r["method"]]))
+  llama_common.plot_memory_bars(common_rows, args.out / "memory.png")
 
 
 if __name__ == "__main__":

@@ -200,6 +200,32 @@ def plot_losses(curves: dict, path: Path, *, xlabel: str, ylabel: str,
   plt.close(fig)
 
 
+def plot_memory_bars(rows: Sequence[dict], path: Path):
+  """Stacked bars (arguments, temporaries) of compiled train steps, one
+  panel per model size; ``rows`` carry ``size``, ``method``, ``argument``
+  and ``temp`` (bytes), in the order to draw."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  sizes = list(dict.fromkeys(r["size"] for r in rows))
+  fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes), 4),
+                           squeeze=False)
+  for ax, size in zip(axes[0], sizes):
+    by = [r for r in rows if r["size"] == size]
+    arguments = [r["argument"] / 1e6 for r in by]
+    names = [r["method"] for r in by]
+    ax.bar(names, arguments, label="arguments (params, state, batch)")
+    ax.bar(names, [r["temp"] / 1e6 for r in by], bottom=arguments,
+           label="temporaries (gradients, activations)")
+    ax.set_title(f"{size}: compiled train step")
+    ax.set_ylabel("MB")
+    ax.tick_params(axis="x", rotation=60)
+  axes[0][0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def add_model_arguments(parser, *, hidden_size=128, layers=4):
   """The size flags of the built-in LLaMA, shared by the example scripts."""
   parser.add_argument("--hidden-size", type=int, default=hidden_size)
@@ -210,6 +236,29 @@ def add_model_arguments(parser, *, hidden_size=128, layers=4):
                       help="raw UTF-8 bytes, or a byte-level BPE trained locally "
                            "on the corpus (saved as tokenizer.json)")
   parser.add_argument("--bpe-vocab", type=int, default=2048)
+
+
+# Named sizes of the built-in LLaMA for the benchmarks:
+# (layers, hidden, intermediate, heads, kv heads, vocab).
+MODEL_SIZES = {
+    "tiny": (2, 64, 128, 4, 2, 256),
+    "cpu-4m": (4, 256, 688, 4, 2, 512),
+    "cpu-13m": (8, 384, 1024, 6, 2, 1024),
+    "cpu-37m": (12, 512, 1376, 8, 4, 2048),
+    "gpu-350m": (24, 1024, 2816, 16, 8, 32000),
+    "gpu-1b": (16, 2048, 5632, 32, 8, 32000),
+    "llama-7b": (32, 4096, 11008, 32, 32, 32000),
+}
+
+
+def sized_settings(size: str, vocab_size: Optional[int] = None):
+  """LlamaSettings of a named size; ``vocab_size`` overrides its vocabulary."""
+  from blockllm_jax.models import LlamaSettings
+  layers, hidden, inter, heads, kv, vocab = MODEL_SIZES[size]
+  return LlamaSettings(vocab_size=vocab_size or vocab, hidden_size=hidden,
+                       intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv,
+                       max_position_embeddings=4096)
 
 
 def llama_settings(args, vocab_size: int):
