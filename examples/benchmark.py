@@ -151,6 +151,10 @@ def make_optimizer(method, params, lr, steps, settings, args):
   if method == "adamw":
     return optax.adamw(schedule, weight_decay=0.0)
   if method == "galore":
+    if not hasattr(optax.contrib, "galore"):
+      raise SystemExit(f"--methods galore needs an optax with "
+                       f"optax.contrib.galore (0.2.8 has it); this is "
+                       f"{optax.__version__}.")
     return optax.contrib.galore(schedule, rank=rank_of(settings, args),
                                 update_proj_gap=args.galore_gap, scale=0.25)
   if method == "lora":
@@ -261,14 +265,15 @@ def speed_row(method, size, args):
               peak_bytes_in_use=stats.get("peak_bytes_in_use"))
 
 
-def fresh_process_peak(method, size, args):
-  """One method alone in a new process: its peak is the process's peak."""
-  command = [sys.executable, __file__, "--single", method, "--sizes", size,
-             "--batch", str(args.batch), "--seq", str(args.seq),
-             "--dtype", args.dtype, "--param-dtype", args.param_dtype,
-             "--speed-steps", "3", "--warmup", "1"]
-  out = subprocess.run(command, capture_output=True, text=True, check=True)
-  return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes_in_use"]
+def fresh_process_speed_row(method, size, args):
+  """``speed_row`` of one method alone in a new process, so the GPU's
+  ``peak_bytes_in_use`` is that method's own peak."""
+  command = [sys.executable, __file__, *args.argv, "--single", method,
+             "--sizes", size]
+  out = subprocess.run(command, capture_output=True, text=True)
+  if out.returncode:
+    raise SystemExit(f"{method} at {size} failed:\n{out.stderr[-4000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def sweep(method, settings, args, *, steps, batch_at, evaluate, desc):
@@ -459,6 +464,7 @@ def plots(rows, args):
 
 def main(argv=None):
   args = parse_args(argv)
+  args.argv = list(sys.argv[1:] if argv is None else argv)
   if args.single:
     print(json.dumps(speed_row(args.single, args.sizes[0], args)))
     return None
@@ -473,10 +479,9 @@ def main(argv=None):
     if stage == "memory":
       rows.append(memory_row(method, size, args))
     else:
-      row = speed_row(method, size, args)
-      if args.peak and jax.default_backend() == "gpu":
-        row["peak_bytes_in_use"] = fresh_process_peak(method, size, args)
-      rows.append(row)
+      fresh = args.peak and jax.default_backend() == "gpu"
+      rows.append(fresh_process_speed_row(method, size, args) if fresh
+                  else speed_row(method, size, args))
     jax.clear_caches()
   if "pretrain" in args.stages:
     rows += pretrain_rows(args)

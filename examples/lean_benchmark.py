@@ -139,13 +139,15 @@ def measure(method, size, args, *, timed=True):
   return row
 
 
-def fresh_process_peak(method, size, args):
-  """Runs one method alone; its peak is the process's peak."""
-  command = [sys.executable, __file__, "--single", method, "--sizes", size,
-             "--batch", str(args.batch), "--seq", str(args.seq),
-             "--dtype", args.dtype, "--steps", "3", "--warmup", "1"]
-  out = subprocess.run(command, capture_output=True, text=True, check=True)
-  return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes_in_use"]
+def fresh_process_row(method, size, args):
+  """``measure`` of one method alone in a new process, so the GPU's
+  ``peak_bytes_in_use`` is that method's own peak."""
+  command = [sys.executable, __file__, *sys.argv[1:], "--single", method,
+             "--sizes", size]
+  out = subprocess.run(command, capture_output=True, text=True)
+  if out.returncode:
+    raise SystemExit(f"{method} at {size} failed:\n{out.stderr[-4000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def mb(x):
@@ -182,10 +184,9 @@ def main():
   rows = []
   jobs = [(s, m) for s in args.sizes for m in args.methods]
   for size, method in llama_common.tqdm(jobs, desc="compile + time"):
-    row = measure(method, size, args, timed=args.steps > 0)
-    if args.peak and jax.default_backend() == "gpu":
-      row["peak_bytes_in_use"] = fresh_process_peak(method, size, args)
-    rows.append(row)
+    fresh = args.peak and jax.default_backend() == "gpu"
+    rows.append(fresh_process_row(method, size, args) if fresh
+                else measure(method, size, args, timed=args.steps > 0))
     jax.clear_caches()
   (args.out / "results.json").write_text(json.dumps(rows, indent=1))
 
