@@ -28,6 +28,9 @@ from blockllm_jax._memory import compiled_memory
 from blockllm_jax._memory import CompiledMemory
 from blockllm_jax._memory import state_bytes
 from blockllm_jax._rounding import stochastic_rounding
+from blockllm_jax._sharding import fsdp_sharding
+from blockllm_jax._sharding import reshard_state
+from blockllm_jax._sharding import state_sharding
 from blockllm_jax._rounding import StochasticRoundingState
 
 __version__ = "0.1.0"
@@ -41,12 +44,14 @@ __all__ = (
     "compiled_memory",
     "CompiledMemory",
     "default_eligible",
+    "fsdp_sharding",
     "DEFAULT_INELIGIBLE_PATTERN",
     "layer_blocks",
     "lean_value_and_grad",
     "LeanGradients",
     "LeanResult",
     "reselection_count",
+    "reshard_state",
     "scale_by_badam",
     "scale_by_blockllm",
     "scale_by_bread",
@@ -54,6 +59,7 @@ __all__ = (
     "ScaleByBlockLLMState",
     "selected",
     "state_bytes",
+    "state_sharding",
     "stochastic_rounding",
     "StochasticRoundingState",
 )

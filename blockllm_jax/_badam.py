@@ -38,6 +38,7 @@ from blockllm_jax import _introspect
 from blockllm_jax import _layout
 from blockllm_jax import _lean
 from blockllm_jax import _rounding
+from blockllm_jax import _sharding
 from blockllm_jax import _validation
 
 CORRECTIONS = ("sgd", "sign_sgd", "lora")
@@ -60,6 +61,7 @@ class ScaleByBAdamState(NamedTuple):
   key: jax.Array  # uint32[2] PRNG key; pass p uses fold_in(key, p).
   selected: jax.Array  # bool[L] leaves trained with Adam at the last step.
   corrected: jax.Array  # bool[L] leaves given an SGD correction then.
+  offset: jax.Array  # int32[L] start of a selected leaf's moments in mu / nu.
   leaf_index: jax.Array  # int32[L] flat position of the leaf in the params.
   selection_count: jax.Array  # int32[] blocks activated (first included).
   skipped_count: jax.Array  # int32[] steps skipped for a non-finite value.
@@ -143,6 +145,7 @@ def _scale_by_block_adam(
     correction: Optional[str] = None,
     correction_scale: float = 1.0,
     scope: str = "all",
+    param_sharding: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """BAdam (``correction=None``) or BREAD: see the public wrappers.
 
@@ -194,6 +197,10 @@ def _scale_by_block_adam(
           "`correction='lora'` trains LoRA adapters, but the parameter tree "
           "has none (no leaf named `lora_a` / `lora_b`); add them with "
           "`blockllm_jax.models.add_lora` or use `correction='sgd'`.")
+    plan = _sharding.init_plan(param_sharding, params)
+    if plan is not None:
+      # Each device packs its own shards: the plan of the local shapes.
+      partition = partition_of(_sharding.local_tree(params, plan))
     capacity = _plan(partition, correction, scope).capacity
     num_leaves = partition.layout.num_eligible
     key = jax.random.PRNGKey(_validation.static_int("seed", seed, 0))
@@ -203,23 +210,40 @@ def _scale_by_block_adam(
     else:
       permutation = jnp.zeros([0], jnp.int32)
     scalar = lambda value=0: jnp.full([], value, jnp.int32)
-    return ScaleByBAdamState(
+    return _sharding.place_state(ScaleByBAdamState(
         count=scalar(),
-        mu=jnp.zeros([capacity], moment_dtype),
-        nu=jnp.zeros([capacity], moment_dtype),
+        mu=_sharding.zeros_buffer(capacity, moment_dtype, plan),
+        nu=_sharding.zeros_buffer(capacity, moment_dtype, plan),
         active_block=scalar(-1),
         permutation=permutation,
         key=key,
         selected=jnp.zeros([num_leaves], bool),
         corrected=jnp.zeros([num_leaves], bool),
+        offset=jnp.zeros([num_leaves], jnp.int32),
         leaf_index=jnp.asarray(partition.layout.eligible_index,
                                jnp.int32).reshape(-1),
         selection_count=scalar(),
         skipped_count=scalar(),
-    )
+    ), plan)
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
     del extra_args
+    if param_sharding is None:
+      return local_update(updates, state, params, value)
+    if isinstance(updates, _lean.LeanGradients):
+      raise ValueError(
+          "`param_sharding` needs the full gradient tree: compute it with "
+          "`jax.value_and_grad` (the lean helper runs on one device).")
+    plan = _sharding.mesh_plan(param_sharding, updates)
+    layout = partition_of(updates).layout
+    reduce = _sharding.collective(plan, layout.eligible_index, layout.sizes)
+    return _sharding.shard_update(
+        lambda u, s, p, v: local_update(u, s, p, v, reduce),
+        plan, updates, state, params, value)
+
+  def local_update(updates, state, params, value, reduce=None):
+    """The update on one device's shards (all of the params without
+    sharding); ``reduce`` combines the finiteness checks across devices."""
     if use_weight_decay and params is None:
       raise ValueError("`weight_decay` > 0 needs `params` in `update`.")
     lean = isinstance(updates, _lean.LeanGradients)
@@ -281,6 +305,7 @@ def _scale_by_block_adam(
         if r == _blocks.BLOCK:
           finite &= jnp.all(jnp.isfinite(g))
     finite &= jnp.all(jnp.isfinite(packed_grad))
+    finite = _sharding.all_true(finite, reduce)
     # Period coordinates restart at a switch; always-active ones never do.
     is_period = jnp.arange(plan.capacity) >= plan.always_total
     restart = schedule.switch & is_period
@@ -332,6 +357,7 @@ def _scale_by_block_adam(
         key=state.key,
         selected=keep(adam, state.selected),
         corrected=keep(corrected, state.corrected),
+        offset=keep(jnp.where(adam, offset, 0), state.offset),
         leaf_index=state.leaf_index,
         selection_count=state.selection_count + (
             finite & schedule.switch).astype(jnp.int32),
@@ -358,6 +384,7 @@ def scale_by_badam(
     eps_root: float = 0.0,
     weight_decay: float = 0.0,
     moment_dtype: Any = "float32",
+    param_sharding: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates with Adam on one block of layers at a time (BAdam).
 
@@ -409,6 +436,11 @@ def scale_by_badam(
     weight_decay: decoupled weight decay of the Adam-trained leaves (>= 0);
       needs ``params``.
     moment_dtype: dtype of the compact moments (default float32).
+    param_sharding: ``None`` (one device), or a pytree of
+      ``jax.sharding.NamedSharding`` like the params: each device then keeps
+      the moments of its own shards of the active leaves (about ``1 /
+      devices`` of the state; see :func:`blockllm_jax.state_sharding`).
+      Needs the full gradient (not the lean helper).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` accepts (and
@@ -432,7 +464,7 @@ def scale_by_badam(
       layers_per_block=layers_per_block, include_embedding=include_embedding,
       include_head=include_head, always_active=always_active, seed=seed,
       b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay,
-      moment_dtype=moment_dtype)
+      moment_dtype=moment_dtype, param_sharding=param_sharding)
 
 
 def finish(scale_by: optax.GradientTransformationExtraArgs, learning_rate,
@@ -463,6 +495,7 @@ def badam(
     weight_decay: float = 0.0,
     moment_dtype: Any = "float32",
     stochastic_rounding: bool = True,
+    param_sharding: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """BAdam optimizer: :func:`scale_by_badam`, the learning rate, rounding.
 
@@ -473,7 +506,8 @@ def badam(
     learning_rate: a float (>= 0) or an Optax schedule.
     switch_every, order, blocks, layers_per_block, include_embedding,
       include_head, always_active, seed, b1, b2, eps, eps_root,
-      weight_decay, moment_dtype: see :func:`scale_by_badam`.
+      weight_decay, moment_dtype, param_sharding: see
+      :func:`scale_by_badam`.
     stochastic_rounding: end with :func:`blockllm_jax.stochastic_rounding`
       (seeded with ``seed``), so that updates of bf16 / fp16 parameters are
       rounded stochastically instead of to nearest. No effect on float32
@@ -497,5 +531,5 @@ def badam(
           include_embedding=include_embedding, include_head=include_head,
           always_active=always_active, seed=seed, b1=b1, b2=b2, eps=eps,
           eps_root=eps_root, weight_decay=weight_decay,
-          moment_dtype=moment_dtype),
+          moment_dtype=moment_dtype, param_sharding=param_sharding),
       learning_rate, stochastic_rounding, seed)

@@ -21,6 +21,7 @@ from blockllm_jax import _introspect
 from blockllm_jax import _layout
 from blockllm_jax import _lean
 from blockllm_jax import _loss_trigger
+from blockllm_jax import _sharding
 from blockllm_jax import _validation
 
 
@@ -82,6 +83,7 @@ def scale_by_blockllm(
     topk_fraction: float = 1.0,
     eligible: _layout.Eligible = None,
     moment_dtype: Any = "float32",
+    param_sharding: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates with Adam on a selected subset of leaves (BlockLLM).
 
@@ -126,6 +128,13 @@ def scale_by_blockllm(
       :data:`blockllm_jax.DEFAULT_INELIGIBLE_PATTERN`), a predicate
       ``(path, leaf) -> bool`` or a pytree of bools like the params.
     moment_dtype: dtype of the compact moments (default float32).
+    param_sharding: ``None`` (one device), or a pytree of
+      ``jax.sharding.NamedSharding`` like the params: each device then keeps
+      the moments of its own shards of the selected leaves (about ``1 /
+      devices`` of the state; see :func:`blockllm_jax.state_sharding`), and
+      selection all-reduces only per-leaf norms. Needs the full gradient
+      (not :func:`blockllm_jax.lean_value_and_grad`), ``topk_fraction=1``
+      and a Python float ``sparsity``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs the
@@ -164,6 +173,11 @@ def scale_by_blockllm(
                           and weight_decay == 0)
   use_topk = not (isinstance(topk_fraction, (int, float))
                   and topk_fraction == 1)
+  if param_sharding is not None and use_topk:
+    raise ValueError(
+        "`topk_fraction` < 1 is not supported with `param_sharding` (the "
+        "top-k of a leaf would need its whole direction on one device); "
+        "use topk_fraction=1.0.")
 
   def init_fn(params):
     layout = _layout.build_layout(params, eligible)
@@ -172,15 +186,21 @@ def scale_by_blockllm(
     # under `optax.inject_hyperparams` these two may be traced there.
     capacity = _capacity(_validation.static_float("sparsity", sparsity),
                          layout)
+    plan = _sharding.init_plan(param_sharding, params)
+    if plan is not None:
+      local = _layout.build_layout(_sharding.local_tree(params, plan),
+                                   eligible)
+      capacity = _sharding.local_capacity(capacity, layout.sizes,
+                                          local.sizes)
     static_patience = _validation.static_int("patience", patience, 1)
     num_leaves = layout.num_eligible
     # A fresh array per field: shared buffers could not all be donated.
     zeros_i32 = lambda: jnp.zeros([num_leaves], jnp.int32)
     scalar = lambda: jnp.zeros([], jnp.int32)
-    return ScaleByBlockLLMState(
+    return _sharding.place_state(ScaleByBlockLLMState(
         count=scalar(),
-        mu=jnp.zeros([capacity], moment_dtype),
-        nu=jnp.zeros([capacity], moment_dtype),
+        mu=_sharding.zeros_buffer(capacity, moment_dtype, plan),
+        nu=_sharding.zeros_buffer(capacity, moment_dtype, plan),
         selected=jnp.zeros([num_leaves], bool),
         offset=zeros_i32(),
         leaf_count=zeros_i32(),
@@ -191,10 +211,32 @@ def scale_by_blockllm(
         steps_since_selection=scalar(),
         selection_count=scalar(),
         skipped_count=scalar(),
-    )
+    ), plan)
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
     del extra_args
+    if param_sharding is None:
+      return local_update(updates, state, params, value)
+    if isinstance(updates, _lean.LeanGradients):
+      raise ValueError(
+          "`param_sharding` needs the full gradient tree: compute it with "
+          "`jax.value_and_grad` (the lean helper runs on one device).")
+    if value is None:
+      raise ValueError("BlockLLM needs the loss: `tx.update(..., value=loss)`.")
+    plan = _sharding.mesh_plan(param_sharding, updates)
+    layout = _layout.build_layout(updates, eligible)
+    reduce = _sharding.collective(plan, layout.eligible_index, layout.sizes)
+    global_capacity = _capacity(
+        _validation.static_float("sparsity", sparsity), layout)
+    return _sharding.shard_update(
+        lambda u, s, p, v: local_update(u, s, p, v, reduce, global_capacity),
+        plan, updates, state, params, value)
+
+  def local_update(updates, state, params, value, reduce=None,
+                   global_capacity=None):
+    """The update on one device's shards (all of the params without
+    sharding); ``reduce`` sums across devices, selection uses whole-leaf
+    sizes and the global capacity."""
     if value is None:
       raise ValueError(
           "BlockLLM decides reselection from the loss: call "
@@ -214,6 +256,10 @@ def scale_by_blockllm(
     capacity = state.mu.shape[0]
     sizes = layout.sizes
     sizes_array = jnp.asarray(sizes, jnp.int32)
+    # The budget counts whole leaves, so every device makes the same choice.
+    select_sizes = sizes_array if reduce is None else jnp.asarray(
+        reduce.global_sizes, jnp.int32)
+    select_capacity = capacity if reduce is None else global_capacity
 
     loss = jnp.asarray(value, jnp.float32)
     if loss.shape != ():
@@ -226,7 +272,8 @@ def scale_by_blockllm(
     def choose(visit_count, norms):
       """The new selection (bool[leaves]) and its offsets (int32[leaves])."""
       scores = norms / (1 + visit_count).astype(jnp.float32)
-      new_selected = _compact.greedy_fill(scores, sizes_array, capacity)
+      new_selected = _compact.greedy_fill(scores, select_sizes,
+                                          select_capacity)
       return new_selected, _compact.packed_offsets(new_selected, sizes_array)
 
     def reselect(selection, norms, chosen=None):
@@ -246,7 +293,7 @@ def scale_by_blockllm(
           updates, layout, loss, trigger, selection, reselect, choose)
     else:
       finite, do_select, selection, leaf_update = _plain_selection(
-          updates, layout, loss, trigger, selection, reselect)
+          updates, layout, loss, trigger, selection, reselect, reduce)
     selected, offset, leaf_count, visit_count, mu, nu = selection
 
     active = selected & finite
@@ -291,18 +338,20 @@ def scale_by_blockllm(
       direction = direction + weight_decay * param
     return direction.astype(dtype)
 
-  def _plain_selection(updates, layout, loss, trigger, selection, reselect):
+  def _plain_selection(updates, layout, loss, trigger, selection, reselect,
+                       reduce):
     """Tier A: the full gradient came in; skip on any non-finite entry."""
     grads = layout.eligible_leaves(updates)
     finite = jnp.isfinite(loss)
     for g in grads:
       finite &= jnp.all(jnp.isfinite(g))
+    finite = _sharding.all_true(finite, reduce)
 
     def reselect_from_grads(selection):
-      norms = jnp.stack([
-          jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)))) for g in grads
-      ])
-      return reselect(selection, norms)
+      norm_sq = jnp.stack([jnp.sum(jnp.square(g.astype(jnp.float32)))
+                           for g in grads])
+      return reselect(selection, jnp.sqrt(_sharding.leaf_sums(norm_sq,
+                                                              reduce)))
 
     do_select = finite & trigger
     selection = lax.cond(do_select, reselect_from_grads,
@@ -423,6 +472,7 @@ def blockllm(
     topk_fraction: float = 1.0,
     eligible: _layout.Eligible = None,
     moment_dtype: Any = "float32",
+    param_sharding: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """BlockLLM optimizer: :func:`scale_by_blockllm` then the learning rate.
 
@@ -432,8 +482,8 @@ def blockllm(
   Args:
     learning_rate: a float (>= 0) or an Optax schedule.
     sparsity, patience, min_interval, stall_tolerance, b1, b2, eps, eps_root,
-      weight_decay, topk_fraction, eligible, moment_dtype: see
-      :func:`scale_by_blockllm`.
+      weight_decay, topk_fraction, eligible, moment_dtype, param_sharding:
+      see :func:`scale_by_blockllm`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; pass the loss to ``update``
@@ -459,6 +509,6 @@ def blockllm(
           stall_tolerance=stall_tolerance, b1=b1, b2=b2, eps=eps,
           eps_root=eps_root, weight_decay=weight_decay,
           topk_fraction=topk_fraction, eligible=eligible,
-          moment_dtype=moment_dtype),
+          moment_dtype=moment_dtype, param_sharding=param_sharding),
       optax.scale_by_learning_rate(learning_rate),
   )

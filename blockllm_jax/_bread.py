@@ -50,6 +50,7 @@ def scale_by_bread(
     eps_root: float = 0.0,
     weight_decay: float = 0.0,
     moment_dtype: Any = "float32",
+    param_sharding: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """BAdam's directions plus a correction of the inactive blocks (BREAD).
 
@@ -80,7 +81,8 @@ def scale_by_bread(
       the active one in ascending order (between it and the output).
     switch_every, order, blocks, layers_per_block, include_embedding,
       include_head, always_active, seed, b1, b2, eps, eps_root,
-      weight_decay, moment_dtype: see :func:`blockllm_jax.scale_by_badam`.
+      weight_decay, moment_dtype, param_sharding: see
+      :func:`blockllm_jax.scale_by_badam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` accepts (and
@@ -102,7 +104,8 @@ def scale_by_bread(
       include_head=include_head, always_active=always_active, seed=seed,
       b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay,
       moment_dtype=moment_dtype, correction=correction,
-      correction_scale=correction_scale, scope=scope)
+      correction_scale=correction_scale, scope=scope,
+      param_sharding=param_sharding)
 
 
 def bread(
@@ -126,6 +129,7 @@ def bread(
     weight_decay: float = 0.0,
     moment_dtype: Any = "float32",
     stochastic_rounding: bool = True,
+    param_sharding: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """BREAD optimizer: :func:`scale_by_bread`, the learning rate, rounding.
 
@@ -143,8 +147,9 @@ def bread(
       uses ``learning_rate * correction_scale``.
     correction, correction_scale, scope, switch_every, order, blocks,
       layers_per_block, include_embedding, include_head, always_active,
-      seed, b1, b2, eps, eps_root, weight_decay, moment_dtype: see
-      :func:`scale_by_bread` and :func:`blockllm_jax.scale_by_badam`.
+      seed, b1, b2, eps, eps_root, weight_decay, moment_dtype,
+      param_sharding: see :func:`scale_by_bread` and
+      :func:`blockllm_jax.scale_by_badam`.
     stochastic_rounding: end with :func:`blockllm_jax.stochastic_rounding`
       (no effect on float32 parameters).
 
@@ -167,5 +172,5 @@ def bread(
           include_embedding=include_embedding, include_head=include_head,
           always_active=always_active, seed=seed, b1=b1, b2=b2, eps=eps,
           eps_root=eps_root, weight_decay=weight_decay,
-          moment_dtype=moment_dtype),
+          moment_dtype=moment_dtype, param_sharding=param_sharding),
       learning_rate, stochastic_rounding, seed)

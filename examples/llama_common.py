@@ -74,7 +74,9 @@ class TrainCheckpoints:
   def restore(self, step: int, like):
     """Restores the checkpoint of ``step`` into the structure of ``like``."""
     args = self._ocp.args
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+    # Restored with ``like``'s shardings: a sharded run resumes sharded.
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like)
     restored = self.manager.restore(step, args=args.Composite(
         train_state=args.StandardRestore(abstract), history=args.JsonRestore()))
     return restored["train_state"], restored["history"]

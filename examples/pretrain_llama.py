@@ -11,6 +11,13 @@ orbax checkpoints, a loss plot and a Hugging Face checkpoint
   python examples/pretrain_llama.py --data my_corpus.txt --tokenizer bpe
   python examples/pretrain_llama.py --optimizer adamw --steps 2000
   python examples/pretrain_llama.py --resume   # continue an interrupted run
+  python examples/pretrain_llama.py --mesh data=2,fsdp=4   # 8 devices, FSDP
+
+With ``--mesh``, the parameters are sharded over the ``--fsdp-axes`` of a
+device mesh (each leaf along its largest divisible dimension, small ones
+replicated), the batch over every mesh axis, and the optimizer state with
+the parameters (``param_sharding=``, ``blockllm_jax.state_sharding``). On a
+CPU machine the devices are simulated (``jax_num_cpu_devices``).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import llama_common as common  # sets the offline HF environment first
 
 import argparse
 from pathlib import Path
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -55,24 +63,69 @@ def parse_args(argv=None):
   p.add_argument("--save-every", type=int, default=200)
   p.add_argument("--resume", action="store_true",
                  help="continue from the latest checkpoint in --out-dir")
+  p.add_argument("--mesh", type=parse_mesh, default=None,
+                 help="device mesh as axis=size pairs, e.g. data=2,fsdp=4 "
+                      "(default: one device)")
+  p.add_argument("--fsdp-axes", default="fsdp",
+                 help="comma-separated mesh axes the parameters are sharded "
+                      "over (default fsdp; axes the mesh lacks are ignored, "
+                      "none left: all axes)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out-dir", type=Path, default=Path("runs/pretrain"))
   p.add_argument("--no-progress", action="store_true")
   return p.parse_args(argv)
 
 
-def make_optimizer(args):
+def parse_mesh(text: str) -> dict:
+  """``'data=2,fsdp=4'`` -> ``{'data': 2, 'fsdp': 4}``."""
+  mesh = {}
+  for part in text.split(","):
+    name, _, size = part.partition("=")
+    if not name.strip() or not size.strip().isdigit() or int(size) < 1:
+      raise argparse.ArgumentTypeError(
+          f"--mesh wants axis=size pairs like data=2,fsdp=4; got {text!r}")
+    mesh[name.strip()] = int(size)
+  return mesh
+
+
+def make_mesh(axes: dict):
+  """A mesh of ``axes``; on CPU, simulates the devices it needs."""
+  needed = int(np.prod(list(axes.values())))
+  if jax.default_backend() == "cpu" and len(jax.devices()) < needed:
+    raise SystemExit(
+        f"--mesh needs {needed} devices, this process has "
+        f"{len(jax.devices())}; run with XLA_FLAGS="
+        f"--xla_force_host_platform_device_count={needed}.")
+  if len(jax.devices()) < needed:
+    raise SystemExit(f"--mesh needs {needed} devices; there are "
+                     f"{len(jax.devices())}.")
+  devices = np.asarray(jax.devices()[:needed]).reshape(list(axes.values()))
+  return jax.sharding.Mesh(devices, tuple(axes))
+
+
+def simulate_cpu_devices(axes: Optional[dict]):
+  """Asks for enough CPU devices before JAX starts its backend."""
+  if axes is None:
+    return
+  try:  # only possible before the first computation in this process
+    jax.config.update("jax_num_cpu_devices", int(np.prod(list(axes.values()))))
+  except RuntimeError:
+    pass
+
+
+def make_optimizer(args, param_sharding=None):
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, args.lr, args.warmup, max(args.steps, args.warmup + 1), args.lr / 10)
   if args.optimizer == "adamw":
     return optax.adamw(schedule, weight_decay=0.0)
   eligible = (lambda path, leaf: True) if args.train_embeddings else None
   return bl.blockllm(schedule, sparsity=args.sparsity, patience=args.patience,
-                     eligible=eligible)
+                     eligible=eligible, param_sharding=param_sharding)
 
 
 def main(argv=None):
   args = parse_args(argv)
+  simulate_cpu_devices(args.mesh)
   corpus = (data.load_text(args.data, text_field=args.text_field) if args.data
             else data.embedded_corpus())
   tokenizer = common.corpus_tokenizer(args.tokenizer, corpus, args.out_dir / "tokenizer",
@@ -88,8 +141,24 @@ def main(argv=None):
   print(f"{num_params / 1e6:.2f}M parameters, {tokens.size} tokens "
         f"({tokens.size / max(len(corpus), 1):.2f} per character), "
         f"{args.optimizer}")
-  tx = make_optimizer(args)
-  opt_state = tx.init(params)
+  mesh = param_sharding = None
+  if args.mesh is not None:
+    if args.optimizer == "adamw":
+      raise SystemExit("--mesh is for --optimizer blockllm (the example's "
+                       "point is its sharded compact state).")
+    mesh = make_mesh(args.mesh)
+    fsdp_axes = tuple(a for a in args.fsdp_axes.split(",") if a in args.mesh)
+    param_sharding = bl.fsdp_sharding(params, mesh, fsdp_axes or None)
+    params = jax.device_put(params, param_sharding)
+    if args.batch_size % mesh.size:
+      raise SystemExit(f"--batch-size {args.batch_size} must be a multiple "
+                       f"of the {mesh.size} devices of --mesh.")
+  tx = make_optimizer(args, param_sharding)
+  if mesh is None:
+    opt_state = tx.init(params)
+  else:
+    opt_state = jax.jit(tx.init, out_shardings=bl.state_sharding(
+        tx, params, param_sharding))(params)
 
   def loss_fn(params, tokens):
     return causal_lm_loss(model.apply({"params": params}, tokens), tokens)
@@ -100,6 +169,11 @@ def main(argv=None):
     return optax.apply_updates(params, updates), opt_state, loss
 
   batch_at = common.window_sampler(train_tokens, args.seq_len, args.batch_size, args.seed)
+  if mesh is not None:  # each device gets its rows of the batch
+    batch_sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
+    unsharded_batch_at = batch_at
+    batch_at = lambda t: jax.device_put(unsharded_batch_at(t), batch_sharding)
   # Compiled once: the loop runs the executable whose memory is reported.
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
       params, opt_state, *batch_at(0)).compile()
@@ -134,18 +208,33 @@ def main(argv=None):
                      xlabel="step", ylabel="next-token loss",
                      points={"held-out": (eval_steps, eval_losses)})
   final_eval = eval_losses[-1]
+  # Per device: one device's shards (the whole state without --mesh); the
+  # compiled memory analysis of a sharded program is per device too.
+  device_state = per_device_bytes(opt_state)
   common.print_table(
-      ("optimizer", "params", "train loss", "held-out loss", "perplexity",
-       "state bytes", "step memory", "median step"),
-      [(args.optimizer, f"{num_params / 1e6:.2f}M", f"{np.mean(losses[-20:]):.4f}",
+      ("optimizer", "devices", "params", "train loss", "held-out loss",
+       "perplexity", "state bytes / device", "step memory / device",
+       "median step"),
+      [(args.optimizer, str(1 if mesh is None else mesh.size),
+        f"{num_params / 1e6:.2f}M", f"{np.mean(losses[-20:]):.4f}",
         f"{final_eval:.4f}", f"{np.exp(final_eval):.1f}",
-        f"{bl.state_bytes(opt_state) / 1e6:.3f} MB", f"{memory.total / 1e6:.2f} MB",
+        f"{device_state / 1e6:.3f} MB", f"{memory.total / 1e6:.2f} MB",
         f"{common.median_step_ms(seconds):.1f} ms")])
   print(f"loss plot: {args.out_dir / 'pretrain_loss.png'}")
   print(f"Hugging Face checkpoint: {export_dir}")
   return {"losses": losses, "eval_steps": eval_steps, "eval_losses": eval_losses,
           "export_dir": export_dir,
-          "params": params}
+          "params": params, "opt_state": opt_state,
+          "state_bytes_per_device": device_state, "step_memory": memory}
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes of ``tree`` on its first device (all of it when unsharded)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shards = leaf.addressable_shards
+    total += shards[0].data.nbytes if shards else leaf.nbytes
+  return total
 
 
 if __name__ == "__main__":

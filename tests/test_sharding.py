@@ -1,0 +1,372 @@
+"""Sharded state on 8 simulated CPU devices (see conftest.py): same results
+as one device, 1/8 of the state per device, no gathers, restore on another
+mesh."""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import blockllm_jax as bl
+from blockllm_jax.models import LlamaForCausalLM
+from blockllm_jax.models import LlamaSettings
+from blockllm_jax.models import causal_lm_loss
+from tests import tiny_models
+
+pytestmark = pytest.mark.skipif(
+    len(jax.devices()) < 8, reason="needs 8 (simulated) devices: conftest.py")
+
+OPTIMIZERS = {
+    "blockllm": lambda s: bl.blockllm(1e-2, sparsity=0.8, patience=2,
+                                      param_sharding=s),
+    "badam": lambda s: bl.badam(1e-2, switch_every=2, order="random",
+                                param_sharding=s),
+    "bread-sgd": lambda s: bl.bread(1e-2, correction="sgd", switch_every=2,
+                                    scope="partial", weight_decay=0.1,
+                                    param_sharding=s),
+}
+
+
+def mesh_of(shape, names, devices=None):
+  devices = jax.devices() if devices is None else devices
+  return jax.sharding.Mesh(
+      np.asarray(devices[:int(np.prod(shape))]).reshape(shape), names)
+
+
+def params_and_grads(steps, seed=0):
+  """The tiny transformer (every big leaf divisible by 8) and a fixed
+  sequence of gradients and losses, so both runs see the same inputs."""
+  params = tiny_models.transformer_params(jax.random.PRNGKey(seed))
+  rng = np.random.default_rng(seed)
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
+                                              p.dtype), params)
+           for _ in range(steps)]
+  # Rises every third step: BlockLLM's loss trigger fires.
+  losses = [jnp.float32(10 - t + 3 * (t % 3 == 2)) for t in range(steps)]
+  return params, grads, losses
+
+
+def run(tx, params, grads, losses, state=None, sharding=None):
+  put = (lambda x: x) if sharding is None else (
+      lambda x: jax.device_put(x, sharding))
+  if state is None:  # as the README says: init with the state's shardings
+    state = tx.init(params) if sharding is None else jax.jit(
+        tx.init, out_shardings=bl.state_sharding(tx, params, sharding))(
+            put(params))
+  params = put(params)
+  update = jax.jit(lambda g, s, p, v: tx.update(g, s, p, value=v))
+  for grad, loss in zip(grads, losses):
+    updates, state = update(put(grad), state, params, loss)
+    params = optax.apply_updates(params, updates)
+  return params, state, update
+
+
+@functools.lru_cache(maxsize=None)
+def single_device_run(kind, steps=6):
+  """The one-device reference run, shared by the tests below."""
+  params, grads, losses = params_and_grads(steps)
+  final_params, state, _ = run(OPTIMIZERS[kind](None), params, grads, losses)
+  return final_params, state
+
+
+def moments_by_leaf(state, params):
+  """{leaf position: (mu, nu)} of the selected leaves of a one-device state."""
+  inner = state[0]
+  leaves = jax.tree.leaves(params)
+  out = {}
+  for k, index in enumerate(np.asarray(inner.leaf_index)):
+    if bool(inner.selected[k]):
+      start, size = int(inner.offset[k]), leaves[index].size
+      out[int(index)] = (np.asarray(inner.mu[start:start + size]),
+                         np.asarray(inner.nu[start:start + size]))
+  return out
+
+
+def assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
+                               atol=atol)
+
+
+def assert_same_moments(single_state, other_state, params):
+  expected = moments_by_leaf(single_state, params)
+  got = moments_by_leaf(other_state, params)
+  assert expected.keys() == got.keys() and expected
+  for index in expected:
+    for e, g in zip(expected[index], got[index]):
+      np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-9)
+
+
+def test_fsdp_sharding_splits_the_largest_divisible_dimension():
+  mesh = mesh_of((2, 4), ("data", "fsdp"))
+  params = {"w": jnp.zeros((64, 256)), "odd": jnp.zeros((63, 65)),
+            "norm": jnp.zeros(64), "tall": jnp.zeros((512, 4))}
+  specs = jax.tree.map(lambda s: s.spec, bl.fsdp_sharding(params, mesh, "fsdp"))
+  assert specs == {"w": P(None, "fsdp"), "odd": P(), "norm": P(),
+                   "tall": P("fsdp", None)}
+  every_axis = bl.fsdp_sharding(params, mesh)["w"].spec
+  assert every_axis == P(None, ("data", "fsdp"))
+  with pytest.raises(ValueError, match="axes"):
+    bl.fsdp_sharding(params, mesh, "model")
+
+
+@pytest.mark.parametrize("kind, mesh_shape", [
+    ("blockllm", (8,)), ("badam", (8,)), ("bread-sgd", (8,)),
+    ("blockllm", (2, 4)), ("bread-sgd", (2, 4))])
+def test_sharded_updates_equal_the_single_device_run(kind, mesh_shape):
+  params, grads, losses = params_and_grads(6)
+  make = OPTIMIZERS[kind]
+  single_params, single_state = single_device_run(kind)
+  if mesh_shape == (8,):
+    mesh = mesh_of((8,), ("fsdp",))
+  else:  # FSDP over 4, replicated over a data axis of 2
+    mesh = mesh_of((2, 4), ("data", "fsdp"))
+  sharding = bl.fsdp_sharding(params, mesh, "fsdp")
+  tx = make(sharding)
+  sharded_params, sharded_state, update = run(tx, params, grads, losses,
+                                              sharding=sharding)
+  assert update._cache_size() == 1
+  assert_trees_close(sharded_params, single_params)
+  inner, single_inner = sharded_state[0], single_state[0]
+  assert int(single_inner.selection_count) >= 3  # reselections / switches
+  for field in ("selected", "selection_count", "count", "skipped_count"):
+    np.testing.assert_array_equal(getattr(inner, field),
+                                  getattr(single_inner, field))
+  # The moments, brought back to the one-device layout, are the same.
+  unsharded = bl.reshard_state(sharded_state, params, sharding, None,
+                               jax.eval_shape(make(None).init, params))
+  assert_same_moments(single_state, unsharded, params)
+  # Updates come back sharded like the params.
+  for p, s in zip(jax.tree.leaves(sharded_params), jax.tree.leaves(sharding)):
+    assert p.sharding.is_equivalent_to(s, p.ndim)
+
+
+@pytest.mark.parametrize("kind", ["blockllm", "badam"])
+def test_each_device_holds_an_eighth_of_the_state(kind):
+  params, _, _ = params_and_grads(0)
+  mesh = mesh_of((8,), ("fsdp",))
+  sharding = bl.fsdp_sharding(params, mesh)
+  single = OPTIMIZERS[kind](None).init(params)
+  state = OPTIMIZERS[kind](sharding).init(jax.device_put(params, sharding))
+  per_device = sum(leaf.addressable_shards[0].data.nbytes
+                   for leaf in jax.tree.leaves(state))
+  # Only the small selection vectors (and the norms, which are replicated
+  # parameters) are not divided by 8.
+  assert per_device * 8 <= 1.2 * bl.state_bytes(single)
+  assert state[0].mu.sharding.spec == P(("fsdp",))
+  assert {s.data.shape for s in state[0].mu.addressable_shards} == {
+      (state[0].mu.size // 8,)}
+  # ...and the helper gives exactly those shardings, before any allocation.
+  helper = bl.state_sharding(OPTIMIZERS[kind](sharding), params, sharding)
+  for leaf, expected in zip(jax.tree.leaves(state[0]),
+                            jax.tree.leaves(helper[0]), strict=True):
+    assert leaf.sharding.is_equivalent_to(expected, leaf.ndim)
+
+
+def test_state_sharding_gives_param_like_leaves_the_param_shardings():
+  params, _, _ = params_and_grads(0)
+  mesh = mesh_of((8,), ("fsdp",))
+  sharding = bl.fsdp_sharding(params, mesh)
+  tx = optax.chain(optax.trace(0.9),
+                   bl.blockllm(1e-3, param_sharding=sharding))
+  helper = bl.state_sharding(tx, params, sharding)
+  trace = helper[0].trace
+  assert jax.tree.leaves(trace) == jax.tree.leaves(sharding)
+  assert helper[1][0].mu.spec == P(("fsdp",))
+  assert helper[1][0].selected.spec == P()
+  # Optax's generic helper sees our buffers as non-parameters: replicated.
+  generic = optax.tree_map_params(
+      tx, lambda _, s: s, jax.eval_shape(tx.init, params), sharding,
+      transform_non_params=lambda _: NamedSharding(mesh, P()))
+  assert generic[1][0].mu.spec == P()
+  state = jax.jit(tx.init, out_shardings=helper)(
+      jax.device_put(params, sharding))
+  assert state[1][0].mu.addressable_shards[0].data.size * 8 == state[1][0].mu.size
+
+
+def _collectives(hlo_text):
+  """(op, result element count) of every collective in an HLO module."""
+  found = []
+  for line in hlo_text.splitlines():
+    match = re.search(r"=\s*\(?([a-z0-9]+)\[([0-9,]*)\][^ ]*\)?\s+"
+                      r"(all-gather|all-reduce|all-to-all|collective-permute|"
+                      r"reduce-scatter)(-start)?\(", line)
+    if match:
+      dims = [int(d) for d in match.group(2).split(",") if d]
+      found.append((match.group(3), int(np.prod(dims, dtype=np.int64))))
+  return found
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_the_compiled_update_gathers_nothing(kind):
+  params, grads, losses = params_and_grads(1)
+  mesh = mesh_of((8,), ("fsdp",))
+  sharding = bl.fsdp_sharding(params, mesh)
+  tx = OPTIMIZERS[kind](sharding)
+  params = jax.device_put(params, sharding)
+  state = tx.init(params)
+  hlo = jax.jit(lambda g, s, p, v: tx.update(g, s, p, value=v)).lower(
+      jax.device_put(grads[0], sharding), state, params,
+      losses[0]).compile().as_text()
+  collectives = _collectives(hlo)
+  num_leaves = len(jax.tree.leaves(params))
+  # Only per-leaf norms and finiteness flags cross devices.
+  assert all(op == "all-reduce" and size <= num_leaves
+             for op, size in collectives), collectives
+  assert "all-gather" not in hlo
+
+
+def test_collective_parser_sees_the_gathers_of_a_replicating_program():
+  # The check above must be able to fail: gathering a sharded leaf shows up.
+  mesh = mesh_of((8,), ("fsdp",))
+  x = jax.device_put(jnp.zeros((64, 64)), NamedSharding(mesh, P("fsdp")))
+  hlo = jax.jit(lambda x: x * 2, out_shardings=NamedSharding(mesh, P())).lower(
+      x).compile().as_text()
+  assert ("all-gather", 64 * 64) in _collectives(hlo)
+
+
+@pytest.mark.parametrize("kind, target", [
+    ("blockllm", "data2xfsdp4"), ("badam", "fsdp4"), ("blockllm", "one-device")])
+def test_orbax_restore_onto_another_mesh_resumes_the_run(kind, target,
+                                                         tmp_path):
+  import orbax.checkpoint as ocp
+  params, grads, losses = params_and_grads(6)
+  make = OPTIMIZERS[kind]
+  reference, reference_state = single_device_run(kind)
+
+  source_mesh = mesh_of((8,), ("fsdp",))
+  source = bl.fsdp_sharding(params, source_mesh)
+  half_params, half_state, _ = run(make(source), params, grads[:3],
+                                   losses[:3], sharding=source)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", (half_params, half_state))
+  checkpointer.wait_until_finished()
+
+  if target == "one-device":
+    mesh, destination = None, None
+  else:
+    mesh = (mesh_of((2, 4), ("data", "fsdp")) if target == "data2xfsdp4"
+            else mesh_of((4,), ("fsdp",), jax.devices()[4:]))
+    destination = bl.fsdp_sharding(params, mesh, "fsdp")
+  # Restore the saved shapes onto the new devices, then relayout the state.
+  on_target = lambda shape_of, spec: jax.ShapeDtypeStruct(
+      shape_of.shape, shape_of.dtype,
+      sharding=(jax.sharding.SingleDeviceSharding(jax.devices()[0])
+                if mesh is None else NamedSharding(mesh, spec)))
+  abstract_params = (jax.tree.map(lambda p: on_target(p, P()), params)
+                     if mesh is None else jax.tree.map(
+                         lambda p, s: on_target(p, s.spec), params,
+                         destination))
+  abstract_state = jax.tree.map(
+      lambda x: on_target(x, P(tuple(mesh.axis_names)) if mesh is not None
+                          and x.ndim == 1 and x.size == half_state[0].mu.size
+                          else P()), half_state)
+  restored_params, restored_state = checkpointer.restore(
+      tmp_path / "ckpt", (abstract_params, abstract_state))
+  tx = make(destination)
+  state = bl.reshard_state(restored_state, params, source, destination,
+                           jax.eval_shape(tx.init, params))
+  if mesh is not None:
+    for leaf, expected in zip(jax.tree.leaves(state[0]), jax.tree.leaves(
+        bl.state_sharding(tx, params, destination)[0])):
+      assert leaf.sharding.is_equivalent_to(expected, leaf.ndim)
+  resumed, resumed_state, _ = run(tx, restored_params, grads[3:], losses[3:],
+                                  state=state, sharding=destination)
+  assert_trees_close(resumed, reference)
+  assert int(resumed_state[0].selection_count) == int(
+      reference_state[0].selection_count)
+  back = (resumed_state if mesh is None else bl.reshard_state(
+      resumed_state, params, destination, None,
+      jax.eval_shape(make(None).init, params)))
+  assert_same_moments(reference_state, back, params)
+
+
+LLAMA = LlamaSettings(vocab_size=64, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+
+
+def test_sharded_llama_training_matches_one_device_and_splits_memory():
+  model = LlamaForCausalLM(LLAMA)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))[
+      "params"]
+  loss_fn = lambda p, tokens: causal_lm_loss(
+      model.apply({"params": p}, tokens), tokens)
+  batches = [jax.random.randint(jax.random.PRNGKey(t), (8, 16), 0, 64)
+             for t in range(5)]
+  mesh = mesh_of((2, 4), ("data", "fsdp"))
+  sharding = bl.fsdp_sharding(params, mesh, "fsdp", min_size=256)
+  batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+
+  def train(tx, params, put_batch):
+    def step(params, state, tokens):
+      loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+      updates, state = tx.update(grads, state, params, value=loss)
+      return optax.apply_updates(params, updates), state, loss
+    state = tx.init(params)
+    compiled = jax.jit(step).lower(params, state, put_batch(batches[0])).compile()
+    losses = []
+    for tokens in batches:
+      params, state, loss = compiled(params, state, put_batch(tokens))
+      losses.append(float(loss))
+    return losses, state, bl.CompiledMemory.of(compiled)
+
+  make = lambda s: bl.blockllm(3e-3, sparsity=0.5, patience=2, eligible=(
+      lambda path, leaf: True), param_sharding=s)
+  single_losses, single_state, single_memory = train(
+      make(None), params, lambda b: b)
+  losses, state, memory = train(
+      make(sharding), jax.device_put(params, sharding),
+      lambda b: jax.device_put(b, batch_sharding))
+  # Gradients of sharded matmuls sum in another order: close, not equal.
+  np.testing.assert_allclose(losses, single_losses, rtol=2e-5)
+  np.testing.assert_array_equal(state[0].selected, single_state[0].selected)
+  assert int(state[0].selection_count) >= 2
+  # Per device: a quarter of the params, grads and moments (+ replicated
+  # norms and the small vectors).
+  assert memory.argument < 0.4 * single_memory.argument
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda s: bl.blockllm(1e-3, topk_fraction=0.5, param_sharding=s),
+     "topk_fraction"),
+])
+def test_unsupported_combinations_are_clear_errors(make, match):
+  params, _, _ = params_and_grads(0)
+  sharding = bl.fsdp_sharding(params, mesh_of((8,), ("fsdp",)))
+  with pytest.raises(ValueError, match=match):
+    make(sharding)
+
+
+def test_bad_param_sharding_names_the_argument():
+  params, _, _ = params_and_grads(0)
+  mesh = mesh_of((8,), ("fsdp",))
+  uneven = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
+  uneven["block0"]["norm1"] = NamedSharding(mesh, P("fsdp"))
+  uneven["embed"] = NamedSharding(mesh, P(None, None, "fsdp"))
+  with pytest.raises(ValueError, match="param_sharding.*more entries"):
+    bl.blockllm(1e-3, param_sharding=uneven).init(params)
+  uneven["embed"] = NamedSharding(mesh, P())
+  indivisible = {**params, "block0": {**params["block0"],
+                                      "norm1": jnp.ones(60)}}
+  with pytest.raises(ValueError, match="does not split evenly"):
+    bl.badam(1e-3, param_sharding=uneven).init(indivisible)
+  with pytest.raises(ValueError, match="structure"):
+    bl.blockllm(1e-3, param_sharding={"embed": uneven["embed"]}).init(params)
+
+
+def test_the_lean_helper_asks_for_the_full_gradient_when_sharded():
+  params, _, _ = params_and_grads(0)
+  sharding = bl.fsdp_sharding(params, mesh_of((8,), ("fsdp",)))
+  tx = bl.blockllm(1e-3, param_sharding=sharding)
+  state = tx.init(jax.device_put(params, sharding))
+  loss_fn = lambda p: sum(jnp.sum(x**2) for x in jax.tree.leaves(p))
+  loss, grads = bl.lean_value_and_grad(loss_fn)(params, state)
+  with pytest.raises(ValueError, match="full gradient"):
+    tx.update(grads, state, params, value=loss)
