@@ -230,11 +230,7 @@ def _scale_by_block_adam(
     del extra_args
     if param_sharding is None:
       return local_update(updates, state, params, value)
-    if isinstance(updates, _lean.LeanGradients):
-      raise ValueError(
-          "`param_sharding` needs the full gradient tree: compute it with "
-          "`jax.value_and_grad` (the lean helper runs on one device).")
-    plan = _sharding.mesh_plan(param_sharding, updates)
+    plan = _sharding.update_plan(param_sharding, updates)
     layout = partition_of(updates).layout
     reduce = _sharding.collective(plan, layout.eligible_index, layout.sizes)
     return _sharding.shard_update(

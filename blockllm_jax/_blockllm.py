@@ -217,13 +217,9 @@ def scale_by_blockllm(
     del extra_args
     if param_sharding is None:
       return local_update(updates, state, params, value)
-    if isinstance(updates, _lean.LeanGradients):
-      raise ValueError(
-          "`param_sharding` needs the full gradient tree: compute it with "
-          "`jax.value_and_grad` (the lean helper runs on one device).")
+    plan = _sharding.update_plan(param_sharding, updates)
     if value is None:
       raise ValueError("BlockLLM needs the loss: `tx.update(..., value=loss)`.")
-    plan = _sharding.mesh_plan(param_sharding, updates)
     layout = _layout.build_layout(updates, eligible)
     reduce = _sharding.collective(plan, layout.eligible_index, layout.sizes)
     global_capacity = _capacity(

@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from blockllm_jax import _introspect
+from blockllm_jax import _lean
 
 # State fields holding flat per-device moment buffers; every other field of
 # our states is a small replicated vector or scalar.
@@ -145,6 +146,15 @@ def init_plan(param_sharding, params) -> Optional[MeshPlan]:
   if param_sharding is None or not jax.tree_util.tree_leaves(params):
     return None
   return mesh_plan(param_sharding, params)
+
+
+def update_plan(param_sharding, updates) -> MeshPlan:
+  """The plan of a sharded ``update``, which needs the whole gradient tree."""
+  if isinstance(updates, _lean.LeanGradients):
+    raise ValueError(
+        "`param_sharding` needs the full gradient tree: compute it with "
+        "`jax.value_and_grad` (the lean helper runs on one device).")
+  return mesh_plan(param_sharding, updates)
 
 
 def local_tree(tree, plan: MeshPlan):
