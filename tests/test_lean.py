@@ -99,9 +99,7 @@ def test_lean_path_matches_plain_path(name, compute_lean):
   np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
   for got, want in zip(jax.tree.leaves(got_params),
                        jax.tree.leaves(want_params)):
-    # Float reassociation (the 8 simulated devices of conftest.py split
-    # XLA's CPU threads differently), amplified by Adam where v is tiny.
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-6)
   moved = sum(float(jnp.sum(jnp.abs(a - b))) for a, b in zip(
       jax.tree.leaves(got_params), jax.tree.leaves(params)))
   assert moved > 0
@@ -117,7 +115,7 @@ def test_bread_lora_lean_matches_plain():
   want, _, _ = run(plain_step(tx, loss_fn), tx, params, 7)
   got, _, _ = run(lean_step(tx, loss_fn), tx, params, 7)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-6)
 
 
 @pytest.mark.parametrize("compute_lean", [False, True])

@@ -19,8 +19,11 @@ from blockllm_jax.models import LlamaSettings
 from blockllm_jax.models import causal_lm_loss
 from tests import tiny_models
 
+# Run by tests/test_multi_device.py in a subprocess with 8 simulated CPU
+# devices (conftest.py); skipped in a one-device process.
 pytestmark = pytest.mark.skipif(
-    len(jax.devices()) < 8, reason="needs 8 (simulated) devices: conftest.py")
+    len(jax.devices()) < 8,
+    reason="runs on 8 simulated devices via tests/test_multi_device.py")
 
 OPTIMIZERS = {
     "blockllm": lambda s: bl.blockllm(1e-2, sparsity=0.8, patience=2,
@@ -370,3 +373,21 @@ def test_the_lean_helper_asks_for_the_full_gradient_when_sharded():
   loss, grads = bl.lean_value_and_grad(loss_fn)(params, state)
   with pytest.raises(ValueError, match="full gradient"):
     tx.update(grads, state, params, value=loss)
+
+
+def test_pretraining_example_on_a_mesh_tracks_one_device(tmp_path):
+  from tests.test_finetune_demo import load_example
+  from tests.test_pretrain_example import TINY
+  pretrain = load_example("pretrain_llama")
+  short = TINY + ["--steps", "12", "--eval-every", "12", "--save-every", "6"]
+  single = pretrain.main(short + ["--out-dir", str(tmp_path / "one")])
+  sharded = pretrain.main(short + ["--out-dir", str(tmp_path / "mesh"),
+                                   "--mesh", "data=2,fsdp=4"])
+  # Sharded matmuls sum in another order: close to the one-device run.
+  np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=1e-4)
+  # Params and state split over fsdp=4 (replicated over data): well under
+  # half of the one-device state per device.
+  assert (sharded["state_bytes_per_device"]
+          < 0.5 * single["state_bytes_per_device"])
+  mu = sharded["opt_state"][0].mu
+  assert mu.addressable_shards[0].data.size * 8 == mu.size
