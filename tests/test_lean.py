@@ -99,7 +99,11 @@ def test_lean_path_matches_plain_path(name, compute_lean):
   np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
   for got, want in zip(jax.tree.leaves(got_params),
                        jax.tree.leaves(want_params)):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-6)
+    # Float reassociation (Adam on the packed buffer vs per leaf), which
+    # Adam's normalisation amplifies where v is tiny: a few coordinates of
+    # ~2000 differ by up to ~5e-6 (seen with the BAdam and weight-decay
+    # cases on the 2-core CI machine).
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   moved = sum(float(jnp.sum(jnp.abs(a - b))) for a, b in zip(
       jax.tree.leaves(got_params), jax.tree.leaves(params)))
   assert moved > 0
@@ -115,7 +119,7 @@ def test_bread_lora_lean_matches_plain():
   want, _, _ = run(plain_step(tx, loss_fn), tx, params, 7)
   got, _, _ = run(lean_step(tx, loss_fn), tx, params, 7)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-6)
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("compute_lean", [False, True])
