@@ -126,6 +126,14 @@ def _plan(partition: _blocks.BlockPartition, correction: Optional[str],
                corrected=corrected, offset=offset.astype(np.int32))
 
 
+def _dense_list(length: int, positions, arrays) -> list:
+  """``arrays`` at ``positions`` of a list of ``length``, None elsewhere."""
+  out = [None] * length
+  for position, array in zip(positions, arrays, strict=True):
+    out[position] = array
+  return out
+
+
 def _scale_by_block_adam(
     *,
     switch_every: int,
@@ -230,29 +238,84 @@ def _scale_by_block_adam(
     del extra_args
     if param_sharding is None:
       return local_update(updates, state, params, value)
-    plan = _sharding.update_plan(param_sharding, updates)
-    layout = partition_of(updates).layout
-    reduce = _sharding.collective(plan, layout.eligible_index, layout.sizes)
+    mesh_plan = _sharding.update_plan(param_sharding, updates)
+    lean = isinstance(updates, _lean.LeanGradients)
+    tree = updates.params_like if lean else updates
+    layout = partition_of(tree).layout
+    reduce = _sharding.collective(mesh_plan, layout.eligible_index,
+                                  layout.sizes)
+    run = lambda u, s, p, v: local_update(u, s, p, v, reduce)
+    if not lean:
+      return _sharding.shard_update(run, mesh_plan, updates, state, params,
+                                    value)
+    if not layout.eligible_index:
+      return layout.updates_tree(tree, []), state
+    # The backward pass is the model's: it runs here, on the global view,
+    # each device packing its own shards; the rest runs per device.
+    local_like = _sharding.local_tree(tree, mesh_plan)
+    partition = partition_of(local_like)
+    plan = checked_plan(partition,
+                        state.mu.shape[0] // mesh_plan.num_devices)
+    schedule, adam, offset = schedule_of(state, partition, plan)
+    packed, dense = lean_backward(updates, partition, adam, offset,
+                                  mesh_plan)
+    dense_at = [i for i, g in enumerate(dense) if g is not None]
     return _sharding.shard_update(
-        lambda u, s, p, v: local_update(u, s, p, v, reduce),
-        plan, updates, state, params, value)
+        lambda u, s, p, v: run(_lean.PackedStep(
+            local_like, u[0], dense=_dense_list(len(dense), dense_at, u[1])),
+                               s, p, v),
+        mesh_plan, (packed, tuple(dense[i] for i in dense_at)), state,
+        params, value,
+        update_specs=(mesh_plan.buffer_spec, tuple(
+            mesh_plan.specs[layout.eligible_index[i]] for i in dense_at)),
+        treedef=layout.treedef)
+
+  def checked_plan(partition, held: int) -> _Plan:
+    """The static tables; ``held``: moment coordinates the state holds for
+    this tree (per device on a mesh)."""
+    plan = _plan(partition, correction, scope)
+    if plan.capacity != held:
+      raise ValueError(
+          f"The state holds {held} moment coordinates but this tree needs "
+          f"{plan.capacity}: was it initialised for other params?")
+    return plan
+
+  def schedule_of(state, partition, plan):
+    """The step's block schedule, which leaves Adam trains (bool[L]) and
+    their offsets in the packed vectors (int32[L])."""
+    schedule = _blocks.schedule_step(state.count, switch_every,
+                                     partition.num_blocks, order, state.key,
+                                     state.permutation)
+    is_always = np.asarray(partition.role) == _blocks.ALWAYS_ACTIVE
+    adam = jnp.asarray(plan.period)[schedule.active] | jnp.asarray(is_always)
+    offset = jnp.asarray(plan.offset)[schedule.active]
+    return schedule, adam, offset
+
+  def lean_backward(grads, partition, adam, offset, mesh_plan=None):
+    """One backward pass: the active period's and the always-active leaves'
+    gradients land packed at their offsets; an SGD correction needs the
+    blocks' whole gradients, as in the plain path.
+
+    Returns ``(packed, dense)``: ``dense`` has the whole gradient of each
+    corrected block leaf and None for the others."""
+    result = grads.backward(
+        partition.layout.eligible_index, packed=adam, offset=offset,
+        dense=[use_sgd and r == _blocks.BLOCK for r in partition.role],
+        mesh_plan=mesh_plan)
+    return result.packed, result.dense
 
   def local_update(updates, state, params, value, reduce=None):
     """The update on one device's shards (all of the params without
     sharding); ``reduce`` combines the finiteness checks across devices."""
     if use_weight_decay and params is None:
       raise ValueError("`weight_decay` > 0 needs `params` in `update`.")
-    lean = isinstance(updates, _lean.LeanGradients)
+    lean = isinstance(updates, (_lean.LeanGradients, _lean.PackedStep))
     tree = updates.params_like if lean else updates
     partition = partition_of(tree)
     layout = partition.layout
     if not layout.eligible_index:
       return (layout.updates_tree(tree, []) if lean else updates), state
-    plan = _plan(partition, correction, scope)
-    if plan.capacity != state.mu.shape[0]:
-      raise ValueError(
-          f"The state holds {state.mu.shape[0]} moment coordinates but this "
-          f"tree needs {plan.capacity}: was it initialised for other params?")
+    plan = checked_plan(partition, state.mu.shape[0])
     flat_params = (layout.treedef.flatten_up_to(params)
                    if use_weight_decay else None)
     role = partition.role
@@ -269,21 +332,12 @@ def _scale_by_block_adam(
             f"`value` must be a scalar loss; got shape {loss.shape}.")
       finite = jnp.isfinite(loss)
 
-    schedule = _blocks.schedule_step(state.count, switch_every,
-                                     partition.num_blocks, order, state.key,
-                                     state.permutation)
+    schedule, adam, offset = schedule_of(state, partition, plan)
     always = [i for i, r in enumerate(role) if r == _blocks.ALWAYS_ACTIVE]
-    is_always = np.asarray(role) == _blocks.ALWAYS_ACTIVE
-    adam = jnp.asarray(plan.period)[schedule.active] | jnp.asarray(is_always)
-    offset = jnp.asarray(plan.offset)[schedule.active]
-    if lean:
-      # One backward pass: the active period's and the always-active
-      # leaves' gradients land packed at their offsets; an SGD correction
-      # needs the blocks' whole gradients, as in the plain path.
-      result = updates.backward(
-          layout.eligible_index, packed=adam, offset=offset,
-          dense=[use_sgd and r == _blocks.BLOCK for r in role])
-      packed_grad, grads = result.packed, result.dense
+    if isinstance(updates, _lean.PackedStep):
+      packed_grad, grads = updates.packed, updates.dense
+    elif lean:
+      packed_grad, grads = lean_backward(updates, partition, adam, offset)
     else:
       grads = layout.eligible_leaves(updates)
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from blockllm_jax import _compact
 from blockllm_jax import _introspect
@@ -48,6 +49,13 @@ class ScaleByBlockLLMState(NamedTuple):
 
 
 _introspect.register_state_type(ScaleByBlockLLMState)
+
+
+def _validated_loss(value) -> jax.Array:
+  loss = jnp.asarray(value, jnp.float32)
+  if loss.shape != ():
+    raise ValueError(f"`value` must be a scalar loss; got shape {loss.shape}.")
+  return loss
 
 
 def _capacity(sparsity: float, layout: _layout.LeafLayout) -> int:
@@ -220,13 +228,33 @@ def scale_by_blockllm(
     plan = _sharding.update_plan(param_sharding, updates)
     if value is None:
       raise ValueError("BlockLLM needs the loss: `tx.update(..., value=loss)`.")
-    layout = _layout.build_layout(updates, eligible)
+    lean = isinstance(updates, _lean.LeanGradients)
+    tree = updates.params_like if lean else updates
+    layout = _layout.build_layout(tree, eligible)
     reduce = _sharding.collective(plan, layout.eligible_index, layout.sizes)
     global_capacity = _capacity(
         _validation.static_float("sparsity", sparsity), layout)
+    run = lambda u, s, p, v: local_update(u, s, p, v, reduce, global_capacity)
+    if not lean:
+      return _sharding.shard_update(run, plan, updates, state, params, value)
+    if not layout.eligible_index:
+      return layout.updates_tree(tree, []), state
+    # The backward pass is the model's: it runs here, on the global view,
+    # each device packing its own shards; the rest runs per device.
+    local_like = _sharding.local_tree(tree, plan)
+    local_sizes = _layout.build_layout(local_like, eligible).sizes
+    step = lean_gradients(updates, layout.eligible_index, state,
+                          _validated_loss(value), local_sizes,
+                          layout.sizes, global_capacity, plan)
+    arrays = (step.packed, step.finite, step.do_select, step.selected,
+              step.offset)
     return _sharding.shard_update(
-        lambda u, s, p, v: local_update(u, s, p, v, reduce, global_capacity),
-        plan, updates, state, params, value)
+        lambda u, s, p, v: run(_lean.PackedStep(
+            local_like, u[0], finite=u[1], do_select=u[2], selected=u[3],
+            offset=u[4]), s, p, v),
+        plan, arrays, state, params, value,
+        update_specs=(plan.buffer_spec, P(), P(), P(), P()),
+        treedef=layout.treedef)
 
   def local_update(updates, state, params, value, reduce=None,
                    global_capacity=None):
@@ -241,40 +269,24 @@ def scale_by_blockllm(
           "the selection would never change.")
     if use_weight_decay and params is None:
       raise ValueError("`weight_decay` > 0 needs `params` in `update`.")
-    lean = isinstance(updates, _lean.LeanGradients)
-    layout = _layout.build_layout(
-        updates.params_like if lean else updates, eligible)
+    lean = isinstance(updates, (_lean.LeanGradients, _lean.PackedStep))
+    tree = updates.params_like if lean else updates
+    layout = _layout.build_layout(tree, eligible)
     if not layout.eligible_index:
-      return (layout.updates_tree(updates.params_like, []) if lean
-              else updates), state
+      return (layout.updates_tree(tree, []) if lean else updates), state
     flat_params = (layout.treedef.flatten_up_to(params)
                    if use_weight_decay else None)
     capacity = state.mu.shape[0]
     sizes = layout.sizes
-    sizes_array = jnp.asarray(sizes, jnp.int32)
     # The budget counts whole leaves, so every device makes the same choice.
-    select_sizes = sizes_array if reduce is None else jnp.asarray(
-        reduce.global_sizes, jnp.int32)
+    select_sizes = sizes if reduce is None else reduce.global_sizes
     select_capacity = capacity if reduce is None else global_capacity
-
-    loss = jnp.asarray(value, jnp.float32)
-    if loss.shape != ():
-      raise ValueError(f"`value` must be a scalar loss; got shape {loss.shape}.")
-    trigger = (state.selection_count == 0) | (
-        _loss_trigger.loss_improvement_stalled(
-            state.loss_window, state.loss_count, loss,
-            state.steps_since_selection, min_interval, stall_tolerance))
-
-    def choose(visit_count, norms):
-      """The new selection (bool[leaves]) and its offsets (int32[leaves])."""
-      scores = norms / (1 + visit_count).astype(jnp.float32)
-      new_selected = _compact.greedy_fill(scores, select_sizes,
-                                          select_capacity)
-      return new_selected, _compact.packed_offsets(new_selected, sizes_array)
+    loss = _validated_loss(value)
 
     def reselect(selection, norms, chosen=None):
       selected, offset, leaf_count, visit_count, mu, nu = selection
-      new_selected, new_offset = chosen or choose(visit_count, norms)
+      new_selected, new_offset = chosen or choose(
+          visit_count, norms, sizes, select_sizes, select_capacity)
       kept = selected & new_selected
       fresh = new_selected & ~selected
       mu = _compact.repack(mu, sizes, offset, new_offset, kept, fresh)
@@ -284,12 +296,16 @@ def scale_by_blockllm(
 
     selection = (state.selected, state.offset, state.leaf_count,
                  state.visit_count, state.mu, state.nu)
+    if isinstance(updates, _lean.LeanGradients):
+      updates = lean_gradients(updates, layout.eligible_index, state, loss,
+                               sizes, select_sizes, select_capacity)
     if lean:
-      finite, do_select, selection, leaf_update = _lean_selection(
-          updates, layout, loss, trigger, selection, reselect, choose)
+      finite, do_select, selection, leaf_update = _lean_moments(
+          updates, layout, selection, reselect)
     else:
       finite, do_select, selection, leaf_update = _plain_selection(
-          updates, layout, loss, trigger, selection, reselect, reduce)
+          updates, layout, loss, trigger_of(state, loss), selection,
+          reselect, reduce)
     selected, offset, leaf_count, visit_count, mu, nu = selection
 
     active = selected & finite
@@ -322,8 +338,28 @@ def scale_by_blockllm(
         selection_count=state.selection_count + do_select.astype(jnp.int32),
         skipped_count=state.skipped_count + (1 - step),
     )
-    tree = updates.params_like if lean else updates
     return layout.updates_tree(tree, directions), new_state
+
+  def trigger_of(state, loss):
+    """bool[]: the selection is revised this step (first step, or the loss
+    stopped improving)."""
+    return (state.selection_count == 0) | (
+        _loss_trigger.loss_improvement_stalled(
+            state.loss_window, state.loss_count, loss,
+            state.steps_since_selection, min_interval, stall_tolerance))
+
+  def choose(visit_count, norms, sizes, select_sizes, select_capacity):
+    """The new selection (bool[leaves]) and its offsets (int32[leaves]).
+
+    ``select_sizes`` / ``select_capacity`` are whole-leaf sizes and the
+    global budget (so every device chooses the same); ``sizes`` are what
+    the moment buffers hold of each leaf (a device's shard on a mesh).
+    """
+    scores = norms / (1 + visit_count).astype(jnp.float32)
+    new_selected = _compact.greedy_fill(
+        scores, jnp.asarray(select_sizes, jnp.int32), select_capacity)
+    return new_selected, _compact.packed_offsets(
+        new_selected, jnp.asarray(sizes, jnp.int32))
 
   def finish_direction(direction, shape, dtype, param):
     """Top-k and weight decay of one selected leaf's Adam direction."""
@@ -379,8 +415,8 @@ def scale_by_blockllm(
 
     return finite, do_select, selection, leaf_update
 
-  def _lean_selection(grads, layout, loss, trigger, selection, reselect,
-                      choose):
+  def lean_gradients(grads, leaves, state, loss, sizes, select_sizes,
+                     select_capacity, mesh_plan=None):
     """Tiers B/C: run the deferred backward pass for what this step uses.
 
     One backward pass packs the selected leaves' gradients and, when the
@@ -388,38 +424,56 @@ def scale_by_blockllm(
     to its norm. If the step does reselect, a branch recomputes the forward
     and backward pass to pack the new selection's gradients (a backward
     pass inside the branch on the first pass's activations would hold all
-    of them at once).
+    of them at once). The moments are not touched here: on a mesh this
+    runs on the global view, and :func:`_lean_moments` per device.
+
+    Returns:
+      A ``_lean.PackedStep`` (without ``params_like``): the packed gradient
+      in the layout of the step's selection, that selection, whether it is
+      new, and whether the step is finite.
     """
-    leaves = layout.eligible_index
-    num_leaves = layout.num_eligible
+    num_leaves = len(leaves)
     finite_loss = jnp.isfinite(loss)
-    selected, offset = selection[0], selection[1]
-    result = grads.backward(leaves, packed=selected, offset=offset,
-                            norms=jnp.full([num_leaves], trigger))
+    trigger = trigger_of(state, loss)
+    result = grads.backward(leaves, packed=state.selected,
+                            offset=state.offset,
+                            norms=jnp.full([num_leaves], trigger),
+                            mesh_plan=mesh_plan)
     norms_finite = jnp.all(jnp.isfinite(result.norm_sq))
     do_select = finite_loss & trigger & norms_finite
 
-    def reselect_and_pack(selection):
-      chosen = choose(selection[3], jnp.sqrt(result.norm_sq))
+    def select_and_pack(_):
+      chosen = choose(state.visit_count, jnp.sqrt(result.norm_sq), sizes,
+                      select_sizes, select_capacity)
       packed = grads.recompute().backward(
-          leaves, packed=chosen[0], offset=chosen[1]).packed
-      # The selection changes only if the recomputed gradients are finite
-      # (a skipped step changes nothing). The data dependency also orders
-      # the moments' repack after the backward pass, whose peak it would
-      # otherwise add its leaf-sized temporaries to.
-      applied = jnp.all(jnp.isfinite(packed))
-      selection = lax.cond(applied,
-                           lambda selection: reselect(selection, None, chosen),
-                           lambda selection: selection, selection)
-      return selection, packed, applied
+          leaves, packed=chosen[0], offset=chosen[1],
+          mesh_plan=mesh_plan).packed
+      return chosen, packed
 
-    selection, packed, applied = lax.cond(
-        do_select, reselect_and_pack,
-        lambda selection: (selection, result.packed, jnp.ones([], bool)),
-        selection)
-    do_select &= applied
-    finite = (finite_loss & (norms_finite | ~trigger)
-              & jnp.all(jnp.isfinite(packed)))
+    (selected, offset), packed = lax.cond(
+        do_select, select_and_pack,
+        lambda _: ((state.selected, state.offset), result.packed), None)
+    packed_finite = jnp.all(jnp.isfinite(packed))
+    # A new selection applies only if its gradients are finite (a skipped
+    # step changes nothing). This data dependency also orders the moments'
+    # repack after the backward pass, whose peak it would otherwise add its
+    # leaf-sized temporaries to.
+    return _lean.PackedStep(
+        params_like=None, packed=packed,
+        finite=finite_loss & (norms_finite | ~trigger) & packed_finite,
+        do_select=do_select & packed_finite, selected=selected,
+        offset=offset)
+
+  def _lean_moments(step, layout, selection, reselect):
+    """Moments and directions from a packed gradient (one device's slice on
+    a mesh): repack for a new selection, then Adam on the whole buffer."""
+    finite, do_select = step.finite, step.do_select
+    packed = step.packed
+    selection = lax.cond(
+        do_select,
+        lambda selection: reselect(selection, None,
+                                   (step.selected, step.offset)),
+        lambda selection: selection, selection)
     selected, offset, leaf_count, visit_count, mu, nu = selection
 
     # Adam on the packed buffer at once: it holds exactly the selected

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -40,6 +40,8 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from blockllm_jax import _introspect
 from blockllm_jax import _layout
@@ -64,6 +66,21 @@ def _decode_control(control):
   return need_packed, need_norm, offset
 
 
+class _MeshPacking(NamedTuple):
+  """Where each device writes its shards into the packed gradient (static).
+
+  The packed gradient is then the optimizer's sharded buffer layout: one
+  slice of ``local_capacity`` per device (``buffer_spec``), holding that
+  device's shard of each asked leaf, flattened, at the leaf's offset.
+  """
+
+  mesh: Any
+  buffer_spec: Any  # PartitionSpec of the packed gradient.
+  specs: tuple  # PartitionSpec per slot (None: not a parameter of `leaves`).
+  local_sizes: tuple  # int per slot: coordinates of one device's shard.
+  local_capacity: int
+
+
 @dataclasses.dataclass
 class _Request:
   """Static part of one backward pass, read by the backward rules when the
@@ -73,6 +90,7 @@ class _Request:
   dense: tuple = ()  # bool per slot: return the slot's whole gradient.
   want_packed: bool = False
   want_norms: bool = False
+  mesh: Optional[_MeshPacking] = None  # None: one device.
 
 
 class _Sinks:
@@ -91,20 +109,68 @@ class _Sinks:
     self.request = _Request()
 
 
+def _packs(sinks: _Sinks, slot: int, shape) -> bool:
+  """Whether the leaf's gradient (its shard, on a mesh) fits the packed
+  buffer at all: a leaf larger than the capacity is never selected."""
+  mesh = sinks.request.mesh
+  if mesh is None:
+    return int(np.prod(shape)) <= sinks.capacity
+  return mesh.local_sizes[slot] <= mesh.local_capacity
+
+
+def _shard_like_param(sinks: _Sinks, slot: int, grad):
+  mesh = sinks.request.mesh
+  if mesh is None:
+    return grad
+  return lax.with_sharding_constraint(
+      grad, NamedSharding(mesh.mesh, mesh.specs[slot]))
+
+
+def _add_window(sinks: _Sinks, slot: int, packed, grad, need, offset):
+  """``packed`` plus ``grad`` (flattened) on its window at ``offset`` if
+  ``need``; ``packed=None`` starts from zeros.
+
+  On a mesh each device adds its own shard of ``grad`` to its own slice of
+  ``packed`` (a ``shard_map``): nothing crosses devices.
+  """
+  dtype = sinks.packed_dtype
+
+  def add(grad, need, offset, *packed):
+    flat = grad.reshape(-1).astype(dtype)
+    flat = jnp.where(need, flat, jnp.zeros_like(flat))
+    if not packed:
+      # ``zeros + dus(zeros, g, offset)`` is what XLA rewrites into an
+      # in-place update of the accumulated buffer, so each leaf costs its
+      # own size, not the buffer's.
+      size = (sinks.capacity if sinks.request.mesh is None
+              else sinks.request.mesh.local_capacity)
+      return lax.dynamic_update_slice(jnp.zeros([size], dtype), flat,
+                                      (offset,))
+    window = lax.dynamic_slice(packed[0], (offset,), (flat.shape[0],))
+    return lax.dynamic_update_slice(packed[0], window + flat, (offset,))
+
+  mesh = sinks.request.mesh
+  if mesh is not None:
+    # Without this, XLA may sum the gradient whole on every device (an
+    # all-reduce) and slice it, instead of reduce-scattering it to shards.
+    grad = _shard_like_param(sinks, slot, grad)
+  args = (grad, need, offset) + (() if packed is None else (packed,))
+  if mesh is None:
+    return add(*args)
+  specs = (mesh.specs[slot], P(), P()) + (() if packed is None
+                                          else (mesh.buffer_spec,))
+  return jax.shard_map(add, mesh=mesh.mesh, in_specs=specs,
+                       out_specs=mesh.buffer_spec, check_vma=False)(*args)
+
+
 def _reduce_gradient(sinks: _Sinks, slot: int, grad, control):
   """A leaf gradient -> (packed contribution, norm contribution)."""
   need_packed, need_norm, offset = _decode_control(control)
   request = sinks.request
   packed_ct = norm_ct = None
-  size = int(np.prod(grad.shape))
-  if request.want_packed and size <= sinks.capacity:
-    flat = grad.reshape(-1).astype(sinks.packed_dtype)
-    # ``zeros + dus(zeros, g, offset)`` is what XLA rewrites into an
-    # in-place update of the accumulated buffer, so each leaf costs its own
-    # size, not the buffer's. An unasked leaf adds zeros to a window.
-    packed_ct = lax.dynamic_update_slice(
-        jnp.zeros([sinks.capacity], sinks.packed_dtype),
-        jnp.where(need_packed, flat, jnp.zeros_like(flat)), (offset,))
+  if request.want_packed and _packs(sinks, slot, grad.shape):
+    # An unasked leaf adds zeros to a window.
+    packed_ct = _add_window(sinks, slot, None, grad, need_packed, offset)
   if request.want_norms:
     square = jnp.sum(jnp.square(grad.astype(jnp.float32)))
     norm_ct = jnp.zeros([sinks.num_slots], jnp.float32).at[slot].set(
@@ -179,13 +245,12 @@ def _lean_dense_bwd(sinks, slot, param_dtype, precision, residual,
     return input_grad, None, packed, None
   need_packed, need_norm, offset = _decode_control(control)
   batch_axes = tuple(range(inputs.ndim - 1))
-  size = int(np.prod(kernel.shape))
-  packs = request.want_packed and size <= sinks.capacity
+  packs = request.want_packed and _packs(sinks, slot, kernel.shape)
 
   def weight_grad():
-    return lax.dot_general(inputs, out_grad, ((batch_axes, batch_axes),
-                                              ((), ())),
-                           precision=precision).astype(kernel.dtype)
+    return _shard_like_param(sinks, slot, lax.dot_general(
+        inputs, out_grad, ((batch_axes, batch_axes), ((), ())),
+        precision=precision).astype(kernel.dtype))
 
   def reduce(kernel_grad, packed):
     """The packed gradient with this leaf's window added; its square norm."""
@@ -193,11 +258,7 @@ def _lean_dense_bwd(sinks, slot, param_dtype, precision, residual,
     square = (jnp.sum(jnp.square(grad.astype(jnp.float32)))
               if request.want_norms else jnp.zeros([], jnp.float32))
     if packs:
-      flat = grad.reshape(-1).astype(sinks.packed_dtype)
-      window = lax.dynamic_slice(packed, (offset,), (size,))
-      packed = lax.dynamic_update_slice(
-          packed, window + jnp.where(need_packed, flat, jnp.zeros_like(flat)),
-          (offset,))
+      packed = _add_window(sinks, slot, packed, grad, need_packed, offset)
     return packed, square
 
   kernel_grad = None
@@ -290,6 +351,26 @@ class LeanResult(NamedTuple):
   dense: list
 
 
+@dataclasses.dataclass
+class PackedStep:
+  """What a lean backward pass on sharded parameters produced, as one
+  device sees it inside the update's ``shard_map`` (a plain holder, made
+  there; not a pytree).
+
+  The backward pass is the model's and runs on the global view (outside
+  ``shard_map``); only the per-device rest of the update runs inside.
+  """
+
+  params_like: Any  # the parameters' local shapes (ShapeDtypeStruct tree)
+  packed: jax.Array  # packed_dtype[local capacity]: the device's slice
+  dense: Sequence = ()  # per eligible leaf: its local gradient shard or None
+  # BlockLLM: the step's finiteness and selection, decided on global norms.
+  finite: Optional[jax.Array] = None  # bool[]
+  do_select: Optional[jax.Array] = None  # bool[]
+  selected: Optional[jax.Array] = None  # bool[L]
+  offset: Optional[jax.Array] = None  # int32[L], local to the slice
+
+
 class LeanGradients:
   """A deferred backward pass, returned by :func:`lean_value_and_grad`.
 
@@ -334,11 +415,32 @@ class LeanGradients:
     """
     return self._linearize()[2]
 
+  def _mesh_packing(self, mesh_plan) -> Optional[_MeshPacking]:
+    if mesh_plan is None:
+      return None
+    devices = int(mesh_plan.num_devices)
+    if self.capacity % devices:
+      raise ValueError(
+          f"The packed gradient's {self.capacity} coordinates do not split "
+          f"over {devices} devices: was the optimizer state initialised "
+          "with the same `param_sharding`?")
+    specs = [None] * self._sinks.num_slots
+    local_sizes = [0] * self._sinks.num_slots
+    for position, slot in enumerate(self._slot_of_leaf):
+      if slot is not None:
+        specs[slot] = mesh_plan.specs[position]
+        local_sizes[slot] = int(np.prod(mesh_plan.local_shapes[position]))
+    return _MeshPacking(mesh=mesh_plan.mesh,
+                        buffer_spec=mesh_plan.buffer_spec,
+                        specs=tuple(specs), local_sizes=tuple(local_sizes),
+                        local_capacity=self.capacity // devices)
+
   def backward(self, leaves: Sequence[int], *,
                packed: Optional[jax.Array] = None,
                offset: Optional[jax.Array] = None,
                norms: Optional[jax.Array] = None,
-               dense: Sequence[bool] = ()) -> LeanResult:
+               dense: Sequence[bool] = (),
+               mesh_plan: Any = None) -> LeanResult:
     """Runs the backward pass for ``leaves`` (flat positions, static).
 
     Args:
@@ -350,6 +452,11 @@ class LeanGradients:
       norms: bool[len(leaves)]: compute the leaf's squared gradient norm;
         None: no norms.
       dense: static bool per leaf: return its whole gradient.
+      mesh_plan: ``None`` (one device), or the ``_sharding.MeshPlan`` of
+        sharded parameters: the packed vector is then the sharded buffer
+        layout (each device's shards in its own slice of
+        ``capacity / devices``, ``offset`` local to the slice). Norms are
+        of whole leaves either way.
 
     Returns:
       A :class:`LeanResult`.
@@ -369,7 +476,8 @@ class LeanGradients:
       dense_slots[slot] = bool(is_dense)
     request = _Request(live=tuple(live), dense=tuple(dense_slots),
                        want_packed=packed is not None,
-                       want_norms=norms is not None)
+                       want_norms=norms is not None,
+                       mesh=self._mesh_packing(mesh_plan))
     control = jnp.zeros([num_slots, _CONTROL], jnp.float32)
     index = jnp.asarray(slots, jnp.int32)
     if packed is not None:
@@ -382,10 +490,14 @@ class LeanGradients:
       control = control.at[index, 1].set(jnp.asarray(norms, jnp.float32))
     # The backward rules read `request` now, while this call traces them.
     self._sinks.request = request
+    packed_seed = jnp.zeros([self.capacity], self.packed_dtype)
+    if request.mesh is not None:  # never whole on one device
+      packed_seed = lax.with_sharding_constraint(
+          packed_seed, NamedSharding(request.mesh.mesh,
+                                     request.mesh.buffer_spec))
     packed_ct, norm_ct, param_cts = self._vjp_fn(
         (jnp.ones_like(self._loss),
-         tuple(control[s] for s in range(num_slots)),
-         jnp.zeros([self.capacity], self.packed_dtype)))
+         tuple(control[s] for s in range(num_slots)), packed_seed))
     return LeanResult(
         packed=packed_ct if packed is not None else None,
         norm_sq=norm_ct[index] if norms is not None else None,

@@ -149,11 +149,9 @@ def init_plan(param_sharding, params) -> Optional[MeshPlan]:
 
 
 def update_plan(param_sharding, updates) -> MeshPlan:
-  """The plan of a sharded ``update``, which needs the whole gradient tree."""
+  """The plan of a sharded ``update`` (a gradient tree or lean gradients)."""
   if isinstance(updates, _lean.LeanGradients):
-    raise ValueError(
-        "`param_sharding` needs the full gradient tree: compute it with "
-        "`jax.value_and_grad` (the lean helper runs on one device).")
+    return mesh_plan(param_sharding, updates.params_like)
   return mesh_plan(param_sharding, updates)
 
 
@@ -234,23 +232,29 @@ def state_specs(state, plan: MeshPlan):
   })
 
 
-def shard_update(local_update, plan: MeshPlan, updates, state, params, value):
+def shard_update(local_update, plan: MeshPlan, updates, state, params, value,
+                 *, update_specs=None, treedef=None):
   """Runs ``local_update(updates, state, params, value)`` per device.
 
   ``updates`` and ``params`` arrive as local shards, the state's buffers as
   the device's own slice; the returned updates are sharded like the params.
+  ``updates`` other than a gradient tree (e.g. a packed gradient) need
+  their ``update_specs`` and the parameters' ``treedef``.
   """
-  treedef = jax.tree_util.tree_structure(updates)
+  if treedef is None:
+    treedef = jax.tree_util.tree_structure(updates)
   param_specs = treedef.unflatten(plan.specs)
+  if update_specs is None:
+    update_specs = param_specs
   specs = state_specs(state, plan)
   has_value = value is not None
   value = value if has_value else jnp.zeros([], jnp.float32)
   if params is None:
     run = lambda u, s, v: local_update(u, s, None, v if has_value else None)
-    in_specs, args = (param_specs, specs, P()), (updates, state, value)
+    in_specs, args = (update_specs, specs, P()), (updates, state, value)
   else:
     run = lambda u, s, p, v: local_update(u, s, p, v if has_value else None)
-    in_specs = (param_specs, specs, param_specs, P())
+    in_specs = (update_specs, specs, param_specs, P())
     args = (updates, state, params, value)
   # Replication of the outputs holds by construction (every replicated
   # output is computed from all-reduced or replicated inputs).

@@ -12,12 +12,15 @@ orbax checkpoints, a loss plot and a Hugging Face checkpoint
   python examples/pretrain_llama.py --optimizer adamw --steps 2000
   python examples/pretrain_llama.py --resume   # continue an interrupted run
   python examples/pretrain_llama.py --mesh data=2,fsdp=4   # 8 devices, FSDP
+  python examples/pretrain_llama.py --mesh data=2,fsdp=4 --lean
 
 With ``--mesh``, the parameters are sharded over the ``--fsdp-axes`` of a
 device mesh (each leaf along its largest divisible dimension, small ones
 replicated), the batch over every mesh axis, and the optimizer state with
 the parameters (``param_sharding=``, ``blockllm_jax.state_sharding``). On a
-CPU machine the devices are simulated (``jax_num_cpu_devices``).
+CPU machine the devices are simulated (``jax_num_cpu_devices``). ``--lean``
+computes only the gradients BlockLLM uses (``lean_value_and_grad``), on one
+device or sharded.
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ def parse_args(argv=None):
   p.add_argument("--train-embeddings", action=argparse.BooleanOptionalAction,
                  default=True, help="let BlockLLM select the embedding and head "
                                     "(from scratch they must learn too)")
+  p.add_argument("--lean", action="store_true",
+                 help="BlockLLM: lean train step (blockllm_jax."
+                      "lean_value_and_grad: only the selected leaves' "
+                      "gradients are computed); works with --mesh")
   p.add_argument("--eval-every", type=int, default=100)
   p.add_argument("--eval-batches", type=int, default=8)
   p.add_argument("--save-every", type=int, default=200)
@@ -163,8 +170,15 @@ def main(argv=None):
   def loss_fn(params, tokens):
     return causal_lm_loss(model.apply({"params": params}, tokens), tokens)
 
+  if args.lean and args.optimizer != "blockllm":
+    raise SystemExit("--lean is for --optimizer blockllm.")
+  # The lean helper returns a deferred backward pass that `tx.update` runs.
+  grad_fn = (bl.lean_value_and_grad(loss_fn) if args.lean else
+             lambda params, opt_state, tokens: jax.value_and_grad(loss_fn)(
+                 params, tokens))
+
   def step(params, opt_state, tokens):
-    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+    loss, grads = grad_fn(params, opt_state, tokens)
     updates, opt_state = tx.update(grads, opt_state, params, value=loss)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -215,7 +229,8 @@ def main(argv=None):
       ("optimizer", "devices", "params", "train loss", "held-out loss",
        "perplexity", "state bytes / device", "step memory / device",
        "median step"),
-      [(args.optimizer, str(1 if mesh is None else mesh.size),
+      [(args.optimizer + (" (lean)" if args.lean else ""),
+        str(1 if mesh is None else mesh.size),
         f"{num_params / 1e6:.2f}M", f"{np.mean(losses[-20:]):.4f}",
         f"{final_eval:.4f}", f"{np.exp(final_eval):.1f}",
         f"{device_state / 1e6:.3f} MB", f"{memory.total / 1e6:.2f} MB",

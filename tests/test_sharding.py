@@ -4,6 +4,7 @@ mesh."""
 
 import functools
 import re
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -293,9 +294,28 @@ def test_orbax_restore_onto_another_mesh_resumes_the_run(kind, target,
 LLAMA = LlamaSettings(vocab_size=64, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2)
+LLAMA_OPTIMIZERS = {
+    "blockllm": lambda s: bl.blockllm(3e-3, sparsity=0.5, patience=2,
+                                      eligible=lambda path, leaf: True,
+                                      param_sharding=s),
+    "bread-sgd": lambda s: bl.bread(3e-3, correction="sgd", switch_every=2,
+                                    scope="partial", weight_decay=0.1,
+                                    param_sharding=s),
+}
 
 
-def test_sharded_llama_training_matches_one_device_and_splits_memory():
+class LlamaRun(NamedTuple):
+  losses: list
+  state: Any
+  memory: bl.CompiledMemory
+  hlo: str
+
+
+@functools.lru_cache(maxsize=None)
+def llama_run(kind, sharded, gradients="plain"):
+  """5 steps of a tiny LLaMA: one device, or params FSDP over 4 devices and
+  the batch over data 2 x fsdp 4. ``gradients``: "plain"
+  (`jax.value_and_grad`), "lean" (compute-lean) or "gradient-lean"."""
   model = LlamaForCausalLM(LLAMA)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))[
       "params"]
@@ -303,37 +323,98 @@ def test_sharded_llama_training_matches_one_device_and_splits_memory():
       model.apply({"params": p}, tokens), tokens)
   batches = [jax.random.randint(jax.random.PRNGKey(t), (8, 16), 0, 64)
              for t in range(5)]
-  mesh = mesh_of((2, 4), ("data", "fsdp"))
-  sharding = bl.fsdp_sharding(params, mesh, "fsdp", min_size=256)
-  batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+  sharding, put_batch = None, lambda b: b
+  if sharded:
+    mesh = mesh_of((2, 4), ("data", "fsdp"))
+    sharding = bl.fsdp_sharding(params, mesh, "fsdp", min_size=256)
+    params = jax.device_put(params, sharding)
+    put_batch = lambda b: jax.device_put(
+        b, NamedSharding(mesh, P(("data", "fsdp"))))
+  tx = LLAMA_OPTIMIZERS[kind](sharding)
+  if gradients == "plain":
+    grad_fn = lambda p, state, tokens: jax.value_and_grad(loss_fn)(p, tokens)
+  else:
+    grad_fn = bl.lean_value_and_grad(loss_fn,
+                                     compute_lean=gradients == "lean")
 
-  def train(tx, params, put_batch):
-    def step(params, state, tokens):
-      loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
-      updates, state = tx.update(grads, state, params, value=loss)
-      return optax.apply_updates(params, updates), state, loss
-    state = tx.init(params)
-    compiled = jax.jit(step).lower(params, state, put_batch(batches[0])).compile()
-    losses = []
-    for tokens in batches:
-      params, state, loss = compiled(params, state, put_batch(tokens))
-      losses.append(float(loss))
-    return losses, state, bl.CompiledMemory.of(compiled)
+  def step(params, state, tokens):
+    loss, grads = grad_fn(params, state, tokens)
+    updates, state = tx.update(grads, state, params, value=loss)
+    return optax.apply_updates(params, updates), state, loss
 
-  make = lambda s: bl.blockllm(3e-3, sparsity=0.5, patience=2, eligible=(
-      lambda path, leaf: True), param_sharding=s)
-  single_losses, single_state, single_memory = train(
-      make(None), params, lambda b: b)
-  losses, state, memory = train(
-      make(sharding), jax.device_put(params, sharding),
-      lambda b: jax.device_put(b, batch_sharding))
+  state = tx.init(params)
+  compiled = jax.jit(step).lower(params, state,
+                                 put_batch(batches[0])).compile()
+  losses = []
+  for tokens in batches:
+    params, state, loss = compiled(params, state, put_batch(tokens))
+    losses.append(float(loss))
+  return LlamaRun(losses, state, bl.CompiledMemory.of(compiled),
+                  compiled.as_text())
+
+
+def test_sharded_llama_training_matches_one_device_and_splits_memory():
+  single = llama_run("blockllm", sharded=False)
+  sharded = llama_run("blockllm", sharded=True)
   # Gradients of sharded matmuls sum in another order: close, not equal.
-  np.testing.assert_allclose(losses, single_losses, rtol=2e-5)
-  np.testing.assert_array_equal(state[0].selected, single_state[0].selected)
-  assert int(state[0].selection_count) >= 2
+  np.testing.assert_allclose(sharded.losses, single.losses, rtol=2e-5)
+  np.testing.assert_array_equal(sharded.state[0].selected,
+                                single.state[0].selected)
+  assert int(sharded.state[0].selection_count) >= 2
   # Per device: a quarter of the params, grads and moments (+ replicated
   # norms and the small vectors).
-  assert memory.argument < 0.4 * single_memory.argument
+  assert sharded.memory.argument < 0.4 * single.memory.argument
+
+
+@pytest.mark.parametrize("kind, gradients", [
+    ("blockllm", "lean"), ("blockllm", "gradient-lean"),
+    ("bread-sgd", "lean")])
+def test_sharded_lean_steps_match_one_device(kind, gradients):
+  single = llama_run(kind, sharded=False)
+  lean = llama_run(kind, sharded=True, gradients=gradients)
+  np.testing.assert_allclose(lean.losses, single.losses, rtol=2e-5)
+  for field in ("selected", "selection_count", "skipped_count"):
+    np.testing.assert_array_equal(getattr(lean.state[0], field),
+                                  getattr(single.state[0], field))
+  assert int(lean.state[0].selection_count) >= 2  # reselections / switches
+  # The packed gradient and moments stay split: each device holds its slice.
+  mu = lean.state[0].mu
+  assert mu.addressable_shards[0].data.size * 8 == mu.size
+  assert lean.memory.argument < 0.4 * single.memory.argument
+
+
+def _collective_shapes(hlo_text):
+  """{(op, shape)} of every collective, tuple results expanded."""
+  found = set()
+  pattern = re.compile(r"=\s*(\(.*?\)|\S+)\s+(all-gather|all-reduce|"
+                       r"all-to-all|collective-permute|reduce-scatter)"
+                       r"(-start)?\(")
+  for line in hlo_text.splitlines():
+    match = pattern.search(line)
+    if match:
+      for shape in re.findall(r"[a-z0-9]+\[([0-9,]*)\]", match.group(1)):
+        found.add((match.group(2), shape))
+  return found
+
+
+def test_the_sharded_lean_step_communicates_like_the_plain_one():
+  plain = _collective_shapes(llama_run("blockllm", sharded=True).hlo)
+  lean_run = llama_run("blockllm", sharded=True, gradients="lean")
+  lean = _collective_shapes(lean_run.hlo)
+  assert ("all-gather", "32,64") in plain  # the parser sees FSDP's gathers
+  # The model's FSDP gathers only: nothing of the optimizer is gathered.
+  assert {c for c in lean if c[0] == "all-gather"} <= plain
+  # The packed gradient and the moments never cross devices (in whole or
+  # per device); only per-leaf norms and flags are reduced besides the
+  # model's own gradient sums.
+  capacity = lean_run.state[0].mu.size
+  for _, shape in lean:
+    assert shape not in (str(capacity), str(capacity // 8)), lean
+  extra = {c for c in lean - plain if c[1] not in ("", "1")}
+  assert all(op == "all-reduce" for op, _ in extra), extra
+  # Per device, the lean step needs about what the plain sharded one does.
+  plain_memory = llama_run("blockllm", sharded=True).memory
+  assert lean_run.memory.temp <= 1.2 * plain_memory.temp
 
 
 @pytest.mark.parametrize("make, match", [
@@ -364,25 +445,15 @@ def test_bad_param_sharding_names_the_argument():
     bl.blockllm(1e-3, param_sharding={"embed": uneven["embed"]}).init(params)
 
 
-def test_the_lean_helper_asks_for_the_full_gradient_when_sharded():
-  params, _, _ = params_and_grads(0)
-  sharding = bl.fsdp_sharding(params, mesh_of((8,), ("fsdp",)))
-  tx = bl.blockllm(1e-3, param_sharding=sharding)
-  state = tx.init(jax.device_put(params, sharding))
-  loss_fn = lambda p: sum(jnp.sum(x**2) for x in jax.tree.leaves(p))
-  loss, grads = bl.lean_value_and_grad(loss_fn)(params, state)
-  with pytest.raises(ValueError, match="full gradient"):
-    tx.update(grads, state, params, value=loss)
-
-
 def test_pretraining_example_on_a_mesh_tracks_one_device(tmp_path):
   from tests.test_finetune_demo import load_example
   from tests.test_pretrain_example import TINY
   pretrain = load_example("pretrain_llama")
   short = TINY + ["--steps", "12", "--eval-every", "12", "--save-every", "6"]
   single = pretrain.main(short + ["--out-dir", str(tmp_path / "one")])
+  # The lean step, sharded: only the selected leaves' gradients, per device.
   sharded = pretrain.main(short + ["--out-dir", str(tmp_path / "mesh"),
-                                   "--mesh", "data=2,fsdp=4"])
+                                   "--mesh", "data=2,fsdp=4", "--lean"])
   # Sharded matmuls sum in another order: close to the one-device run.
   np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=1e-4)
   # Params and state split over fsdp=4 (replicated over data): well under
