@@ -490,7 +490,8 @@ def scale_by_badam(
       ``jax.sharding.NamedSharding`` like the params: each device then keeps
       the moments of its own shards of the active leaves (about ``1 /
       devices`` of the state; see :func:`blockllm_jax.state_sharding`).
-      Needs the full gradient (not the lean helper).
+      Works with the full gradient and with
+      :func:`blockllm_jax.lean_value_and_grad`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` accepts (and

@@ -140,9 +140,10 @@ def scale_by_blockllm(
       ``jax.sharding.NamedSharding`` like the params: each device then keeps
       the moments of its own shards of the selected leaves (about ``1 /
       devices`` of the state; see :func:`blockllm_jax.state_sharding`), and
-      selection all-reduces only per-leaf norms. Needs the full gradient
-      (not :func:`blockllm_jax.lean_value_and_grad`), ``topk_fraction=1``
-      and a Python float ``sparsity``.
+      selection all-reduces only per-leaf norms. Works with the full
+      gradient and with :func:`blockllm_jax.lean_value_and_grad` (each
+      device then packs its own gradient shards); needs
+      ``topk_fraction=1`` and a Python float ``sparsity``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs the
