@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_sharding_suite_on_8_simulated_cpu_devices():
   env = dict(os.environ, BLOCKLLM_TEST_CPU_DEVICES="8")
   done = subprocess.run(
-      [sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+      [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "0",
        "tests/test_sharding.py"], env=env, cwd=ROOT, capture_output=True,
       text=True)
   report = done.stdout[-8000:] + done.stderr[-3000:]
