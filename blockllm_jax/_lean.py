@@ -548,6 +548,11 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
     shared between calls, or applied inside ``nn.remat`` / ``nn.scan``, or
     a ``Dense`` with a custom ``dot_general``) keep the gradient-lean path;
     a warning names them.
+  - With an optimizer built with ``param_sharding=`` (parameters on a
+    mesh), the backward pass runs on the global view as XLA partitions it,
+    and each device writes its own shards of the selected gradients into
+    its slice of the packed gradient (the moments' layout): the packed
+    gradient never crosses devices.
 
   Args:
     loss_fn: ``loss_fn(params, *args, **kwargs)`` returning a scalar loss,
