@@ -16,10 +16,3 @@ if os.environ.get("BLOCKLLM_TEST_CPU_DEVICES"):
   jax.config.update("jax_num_cpu_devices",
                     int(os.environ["BLOCKLLM_TEST_CPU_DEVICES"]))
 
-
-def pytest_collection_modifyitems(config, items):
-  """The 8-device subprocess (minutes, one test) goes first, so that a
-  second worker process runs the rest of the suite alongside it."""
-  del config
-  items.sort(key=lambda item: item.nodeid.split("::")[0] !=
-             "tests/test_multi_device.py")
