@@ -14,10 +14,12 @@ size of the leaf; for an unselected leaf we read and write back the same
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -66,6 +68,79 @@ def packed_offsets(selected: jax.Array, sizes: jax.Array) -> jax.Array:
   return jnp.cumsum(used) - used
 
 
+@functools.lru_cache(maxsize=64)
+def repeated_run(sizes: tuple[int, ...]) -> tuple[int, int, int]:
+  """The longest stretch of ``sizes`` that repeats one pattern.
+
+  A model's leaves come layer after layer with the same shapes, so their
+  sizes repeat with the layer's period. Returns ``(start, period, repeats)``
+  such that ``sizes[start + k * period + j] == sizes[start + j]`` for
+  ``k < repeats``, chosen to leave the fewest leaves to unroll
+  (``len(sizes) - period * repeats + period``); ``repeats`` is 1 when no
+  pattern repeats.
+  """
+  num = len(sizes)
+  best = (num, (0, num, 1))  # (leaves to unroll, run)
+  values = np.asarray(sizes)
+  for period in range(1, num // 2 + 1):
+    same = values[period:] == values[:-period]  # same[i]: i matches i+period
+    # Longest run of consecutive matches: the stretch [i, i + run + period).
+    run_start, run, best_start, best_run = 0, 0, 0, 0
+    for i, match in enumerate(same):
+      if match:
+        if run == 0:
+          run_start = i
+        run += 1
+        if run > best_run:
+          best_start, best_run = run_start, run
+      else:
+        run = 0
+    repeats = (best_run + period) // period
+    if repeats >= 2:
+      unrolled = num - period * repeats + period
+      if unrolled < best[0]:
+        best = (unrolled, (best_start, period, repeats))
+  return best[1]
+
+
+def for_each_leaf(buffer: jax.Array, sizes: Sequence[int], body,
+                  reverse: bool = False) -> jax.Array:
+  """``buffer = body(buffer, i, sizes[i])`` for every leaf ``i`` in order.
+
+  ``body`` needs a static window size, so a loop over leaves is unrolled;
+  the stretch of leaves that repeats one pattern (the model's layers, see
+  :func:`repeated_run`) runs as a ``lax.fori_loop`` over the repeats with
+  one pattern unrolled in its body, ``i`` then traced. That keeps the
+  program, and its compile time, from growing with the depth of the model.
+  The loop carries the buffer, so XLA updates it in place.
+  """
+  sizes = tuple(int(s) for s in sizes)
+  start, period, repeats = repeated_run(sizes)
+  stop = start + period * repeats
+  pattern = range(period)
+
+  def one_repeat(k, buf):
+    if reverse:
+      k = repeats - 1 - k
+    base = start + k * period
+    for j in (reversed(pattern) if reverse else pattern):
+      buf = body(buf, base + j, sizes[start + j])
+    return buf
+
+  def unrolled(buf, leaves):
+    for i in (reversed(leaves) if reverse else leaves):
+      buf = body(buf, i, sizes[i])
+    return buf
+
+  parts = [lambda b: unrolled(b, range(start)),
+           lambda b: (lax.fori_loop(0, repeats, one_repeat, b) if repeats > 1
+                      else one_repeat(0, b)),
+           lambda b: unrolled(b, range(stop, len(sizes)))]
+  for part in (reversed(parts) if reverse else parts):
+    buffer = part(buffer)
+  return buffer
+
+
 def repack(buffer: jax.Array, sizes: Sequence[int], old_offset: jax.Array,
            new_offset: jax.Array, kept: jax.Array,
            fresh: jax.Array) -> jax.Array:
@@ -87,21 +162,21 @@ def repack(buffer: jax.Array, sizes: Sequence[int], old_offset: jax.Array,
   Returns:
     The repacked buffer.
   """
-  def move(buf, i, direction):
-    moves = kept[i] & (direction * (new_offset[i] - old_offset[i]) > 0)
-    # A leaf that does not move reads and rewrites its own window: a no-op.
-    source = jnp.where(moves, old_offset[i], new_offset[i])
-    return write_leaf(buf, read_leaf(buf, source, sizes[i]), new_offset[i])
+  def move(direction):
+    def body(buf, i, size):
+      moves = kept[i] & (direction * (new_offset[i] - old_offset[i]) > 0)
+      # A leaf that does not move reads and rewrites its own window: a no-op.
+      source = jnp.where(moves, old_offset[i], new_offset[i])
+      return write_leaf(buf, read_leaf(buf, source, size), new_offset[i])
+    return body
 
-  num_leaves = len(sizes)
-  for i in range(num_leaves):
-    buffer = move(buffer, i, -1)
-  for i in reversed(range(num_leaves)):
-    buffer = move(buffer, i, +1)
-  for i in range(num_leaves):
-    window = read_leaf(buffer, new_offset[i], sizes[i])
-    buffer = write_leaf(buffer, jnp.where(fresh[i], 0, window), new_offset[i])
-  return buffer
+  def zero_fresh(buf, i, size):
+    window = read_leaf(buf, new_offset[i], size)
+    return write_leaf(buf, jnp.where(fresh[i], 0, window), new_offset[i])
+
+  buffer = for_each_leaf(buffer, sizes, move(-1))
+  buffer = for_each_leaf(buffer, sizes, move(+1), reverse=True)
+  return for_each_leaf(buffer, sizes, zero_fresh)
 
 
 def bias_corrected_adam(grad: jax.Array, mu: jax.Array, nu: jax.Array,

@@ -225,31 +225,41 @@ def memory_model(method, params, state) -> int:
 # ---------------------------------------------------------------- stages --
 
 
-def memory_row(method, size, args):
+# One learning-rate schedule for the memory and speed stages, so that they
+# share one compiled step (its constants are part of the program).
+MEASURE_LR, MEASURE_STEPS = 1e-4, 1000
+
+
+def compile_step(method, size, args):
+  """The method's train step compiled on abstract shapes (nothing is
+  allocated), with its memory row."""
   settings = common.sized_settings(size)
-  params, state, step, _ = setup(method, settings, args, lr=1e-3, steps=100,
-                                 abstract=True)
+  params, state, step, _ = setup(method, settings, args, lr=MEASURE_LR,
+                                 steps=MEASURE_STEPS, abstract=True)
   tokens = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32)
   begin = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
       params, state, tokens).compile()
   memory = bl.CompiledMemory.of(compiled)
-  return dict(stage="memory", method=method, size=size,
-              params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
-              state_bytes=nbytes(state), argument=memory.argument,
-              temp=memory.temp, total=memory.total,
-              model_bytes=memory_model(method, params, state),
-              compile_s=time.perf_counter() - begin)
+  row = dict(stage="memory", method=method, size=size,
+             params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
+             state_bytes=nbytes(state), argument=memory.argument,
+             temp=memory.temp, total=memory.total,
+             model_bytes=memory_model(method, params, state),
+             compile_s=time.perf_counter() - begin)
+  return compiled, row
 
 
-def speed_row(method, size, args):
+def speed_row(method, size, args, compiled=None):
+  """Times ``compiled`` (compiled here if None) on random tokens."""
+  if compiled is None:
+    compiled, _ = compile_step(method, size, args)
   settings = common.sized_settings(size)
-  params, state, step, _ = setup(method, settings, args, lr=1e-4, steps=1000)
+  params, state, _, _ = setup(method, settings, args, lr=MEASURE_LR,
+                              steps=MEASURE_STEPS)
   rng = np.random.default_rng(args.seed)
   batch = lambda: jnp.asarray(rng.integers(0, settings.vocab_size,
                                            (args.batch, args.seq)), jnp.int32)
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, state, batch()).compile()
   seconds = []
   for t in range(args.warmup + args.speed_steps):
     tokens = batch()
@@ -471,18 +481,23 @@ def main(argv=None):
   args.out.mkdir(parents=True, exist_ok=True)
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"jax {jax.__version__}, optax {optax.__version__}")
-  rows = []
-  jobs = [(stage, size, method) for stage in ("memory", "speed")
-          if stage in args.stages for size in args.sizes for method in args.methods]
-  for stage, size, method in common.tqdm(jobs, desc="memory and speed",
-                                         disable=args.no_progress):
-    if stage == "memory":
-      rows.append(memory_row(method, size, args))
-    else:
-      fresh = args.peak and jax.default_backend() == "gpu"
-      rows.append(fresh_process_speed_row(method, size, args) if fresh
-                  else speed_row(method, size, args))
-    jax.clear_caches()
+  memory_rows, speed_rows = [], []
+  jobs = [(size, method) for size in args.sizes for method in args.methods
+          if {"memory", "speed"} & set(args.stages)]
+  fresh = args.peak and jax.default_backend() == "gpu"
+  for i, (size, method) in enumerate(common.tqdm(
+      jobs, desc="memory and speed", disable=args.no_progress)):
+    compiled = None
+    if "memory" in args.stages:
+      compiled, row = compile_step(method, size, args)
+      memory_rows.append(row)
+    if "speed" in args.stages:
+      speed_rows.append(fresh_process_speed_row(method, size, args) if fresh
+                        else speed_row(method, size, args, compiled))
+    del compiled
+    if i + 1 == len(jobs) or jobs[i + 1][0] != size:
+      jax.clear_caches()  # a size's programs are not needed for the next
+  rows = memory_rows + speed_rows
   if "pretrain" in args.stages:
     rows += pretrain_rows(args)
   if "finetune" in args.stages:

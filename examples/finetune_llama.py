@@ -22,6 +22,7 @@ from __future__ import annotations
 import llama_common as common  # sets the offline HF environment first
 
 import argparse
+import functools
 from pathlib import Path
 
 import jax
@@ -188,24 +189,32 @@ def make_optimizer(name, args, params):
                      eligible=eligible)
 
 
-def exact_match(model, params, examples, tokenizer, batch_size=256):
-  """Greedy decoding after the prompt; fraction of answers matching exactly."""
-  max_answer = int(np.max(np.sum(examples.loss_mask > 0, axis=1)))
-  width = examples.tokens.shape[1]
+@functools.lru_cache(maxsize=8)
+def greedy_decoder(model, width: int, max_answer: int, pad_id: int):
+  """A jitted ``decode(params, tokens, prompt_len)``: greedy completion of
+  ``max_answer`` tokens after each prompt. Cached, so the baseline and every
+  method with the same model share one compilation."""
 
   @jax.jit
   def decode(params, tokens, prompt_len):
     rows = jnp.arange(tokens.shape[0])
     # Blank everything after the prompt, then fill it one token at a time.
     tokens = jnp.where(jnp.arange(width)[None] < prompt_len[:, None], tokens,
-                       tokenizer.pad_id)
+                       pad_id)
 
     def body(j, tokens):
       logits = model.apply({"params": params}, tokens)
       at = jnp.minimum(prompt_len + j, width - 1)
       return tokens.at[rows, at].set(jnp.argmax(logits[rows, at - 1], -1))
     return jax.lax.fori_loop(0, max_answer, body, tokens)
+  return decode
 
+
+def exact_match(model, params, examples, tokenizer, batch_size=256):
+  """Greedy decoding after the prompt; fraction of answers matching exactly."""
+  max_answer = int(np.max(np.sum(examples.loss_mask > 0, axis=1)))
+  decode = greedy_decoder(model, examples.tokens.shape[1], max_answer,
+                          tokenizer.pad_id)
   correct = 0
   for start in range(0, len(examples.answers), batch_size):
     stop = start + batch_size

@@ -44,11 +44,9 @@ def test_packed_offsets():
       _compact.packed_offsets(selected, sizes), [0, 3, 3, 5])
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_repack_moves_kept_leaves_and_zeroes_fresh_ones(seed):
-  rng = np.random.default_rng(seed)
-  num = 12
-  sizes = rng.integers(1, 9, num)
+def _numpy_repack_case(rng, sizes):
+  """(args of ``repack``, what it must leave in each new window)."""
+  num, sizes = len(sizes), np.asarray(sizes)
   capacity = int(sizes.sum() * 0.6) + int(sizes.max())
   old = numpy_greedy_fill(rng.uniform(size=num), sizes, capacity)
   new = numpy_greedy_fill(rng.uniform(size=num), sizes, capacity)
@@ -61,14 +59,55 @@ def test_repack_moves_kept_leaves_and_zeroes_fresh_ones(seed):
     if old[i] and new[i]:
       want[new_off[i]:new_off[i] + sizes[i]] = buffer[old_off[i]:old_off[i] +
                                                        sizes[i]]
-  got = jax.jit(_compact.repack, static_argnums=1)(
-      jnp.asarray(buffer), tuple(int(s) for s in sizes), jnp.asarray(old_off),
-      jnp.asarray(new_off), jnp.asarray(old & new), jnp.asarray(new & ~old))
+  args = (jnp.asarray(buffer), tuple(int(s) for s in sizes),
+          jnp.asarray(old_off, jnp.int32), jnp.asarray(new_off, jnp.int32),
+          jnp.asarray(old & new), jnp.asarray(new & ~old))
+  windows = [(new_off[i], sizes[i]) for i in range(num) if new[i]]
+  return args, want, windows
+
+
+_repack = jax.jit(_compact.repack, static_argnums=1)
+
+
+def _assert_repacked(got, want, windows):
   got = np.asarray(got)
-  for i in range(num):
-    if new[i]:
-      np.testing.assert_array_equal(got[new_off[i]:new_off[i] + sizes[i]],
-                                    want[new_off[i]:new_off[i] + sizes[i]])
+  for start, size in windows:
+    np.testing.assert_array_equal(got[start:start + size],
+                                  want[start:start + size])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_repack_moves_kept_leaves_and_zeroes_fresh_ones(seed):
+  rng = np.random.default_rng(seed)
+  args, want, windows = _numpy_repack_case(rng, rng.integers(1, 9, 12))
+  _assert_repacked(_repack(*args), want, windows)
+
+
+@pytest.mark.parametrize("sizes,run", [
+    ((5, 1, 2, 3, 1, 2, 3, 1, 2, 3, 9), (1, 3, 3)),  # prefix, 3 layers, suffix
+    ((4, 4, 4, 4), (0, 1, 4)),
+    ((1, 2, 3), (0, 3, 1)),  # nothing repeats
+    ((7, 2, 2, 7, 2, 2, 7), (0, 3, 2)),
+])
+def test_repeated_run_finds_the_layers(sizes, run):
+  assert _compact.repeated_run(sizes) == run
+  start, period, repeats = run
+  for k in range(repeats):
+    assert (sizes[start + k * period:start + (k + 1) * period]
+            == sizes[start:start + period])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_repack_of_repeated_layers_runs_as_a_loop_and_matches_numpy(seed):
+  # Embedding-like prefix, 6 identical "layers", head-like suffix: the
+  # layers are repacked by a loop (the program does not grow with them).
+  rng = np.random.default_rng(100 + seed)
+  layer = tuple(int(s) for s in rng.integers(1, 9, 4))
+  sizes = (11,) + layer * 6 + (13, 3)
+  assert _compact.repeated_run(sizes) == (1, 4, 6)
+  args, want, windows = _numpy_repack_case(rng, sizes)
+  _assert_repacked(_repack(*args), want, windows)
+  assert "while" in _repack.lower(*args).as_text()
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5, 1.0])
