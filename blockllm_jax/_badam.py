@@ -126,14 +126,6 @@ def _plan(partition: _blocks.BlockPartition, correction: Optional[str],
                corrected=corrected, offset=offset.astype(np.int32))
 
 
-def _dense_list(length: int, positions, arrays) -> list:
-  """``arrays`` at ``positions`` of a list of ``length``, None elsewhere."""
-  out = [None] * length
-  for position, array in zip(positions, arrays, strict=True):
-    out[position] = array
-  return out
-
-
 def _scale_by_block_adam(
     *,
     switch_every: int,
@@ -259,15 +251,9 @@ def _scale_by_block_adam(
     schedule, adam, offset = schedule_of(state, partition, plan)
     packed, dense = lean_backward(updates, partition, adam, offset,
                                   mesh_plan)
-    dense_at = [i for i, g in enumerate(dense) if g is not None]
-    return _sharding.shard_update(
-        lambda u, s, p, v: run(_lean.PackedStep(
-            local_like, u[0], dense=_dense_list(len(dense), dense_at, u[1])),
-                               s, p, v),
-        mesh_plan, (packed, tuple(dense[i] for i in dense_at)), state,
-        params, value,
-        update_specs=(mesh_plan.buffer_spec, tuple(
-            mesh_plan.specs[layout.eligible_index[i]] for i in dense_at)),
+    return _sharding.shard_lean_update(
+        run, mesh_plan, _lean.PackedStep(local_like, packed, dense), state,
+        params, value, eligible_index=layout.eligible_index,
         treedef=layout.treedef)
 
   def checked_plan(partition, held: int) -> _Plan:
@@ -326,11 +312,7 @@ def _scale_by_block_adam(
     # not matter (the original does not even compute them).
     finite = jnp.ones([], bool)
     if value is not None:
-      loss = jnp.asarray(value, jnp.float32)
-      if loss.shape != ():
-        raise ValueError(
-            f"`value` must be a scalar loss; got shape {loss.shape}.")
-      finite = jnp.isfinite(loss)
+      finite = jnp.isfinite(_validation.scalar_loss(value))
 
     schedule, adam, offset = schedule_of(state, partition, plan)
     always = [i for i, r in enumerate(role) if r == _blocks.ALWAYS_ACTIVE]

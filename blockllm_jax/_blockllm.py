@@ -8,6 +8,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple, Optional
 
@@ -15,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 from blockllm_jax import _compact
 from blockllm_jax import _introspect
@@ -51,11 +51,13 @@ class ScaleByBlockLLMState(NamedTuple):
 _introspect.register_state_type(ScaleByBlockLLMState)
 
 
-def _validated_loss(value) -> jax.Array:
-  loss = jnp.asarray(value, jnp.float32)
-  if loss.shape != ():
-    raise ValueError(f"`value` must be a scalar loss; got shape {loss.shape}.")
-  return loss
+class _Decision(NamedTuple):
+  """What a lean step decided on the global view (replicated on a mesh)."""
+
+  finite: jax.Array  # bool[] the step applies (loss and gradients finite)
+  do_select: jax.Array  # bool[] the selection below is new
+  selected: jax.Array  # bool[L] the step's selection
+  offset: jax.Array  # int32[L] its offsets in the (local) packed buffer
 
 
 def _capacity(sparsity: float, layout: _layout.LeafLayout) -> int:
@@ -245,16 +247,11 @@ def scale_by_blockllm(
     local_like = _sharding.local_tree(tree, plan)
     local_sizes = _layout.build_layout(local_like, eligible).sizes
     step = lean_gradients(updates, layout.eligible_index, state,
-                          _validated_loss(value), local_sizes,
+                          _validation.scalar_loss(value), local_sizes,
                           layout.sizes, global_capacity, plan)
-    arrays = (step.packed, step.finite, step.do_select, step.selected,
-              step.offset)
-    return _sharding.shard_update(
-        lambda u, s, p, v: run(_lean.PackedStep(
-            local_like, u[0], finite=u[1], do_select=u[2], selected=u[3],
-            offset=u[4]), s, p, v),
-        plan, arrays, state, params, value,
-        update_specs=(plan.buffer_spec, P(), P(), P(), P()),
+    return _sharding.shard_lean_update(
+        run, plan, dataclasses.replace(step, params_like=local_like), state,
+        params, value, eligible_index=layout.eligible_index,
         treedef=layout.treedef)
 
   def local_update(updates, state, params, value, reduce=None,
@@ -282,7 +279,7 @@ def scale_by_blockllm(
     # The budget counts whole leaves, so every device makes the same choice.
     select_sizes = sizes if reduce is None else reduce.global_sizes
     select_capacity = capacity if reduce is None else global_capacity
-    loss = _validated_loss(value)
+    loss = _validation.scalar_loss(value)
 
     def reselect(selection, norms, chosen=None):
       selected, offset, leaf_count, visit_count, mu, nu = selection
@@ -460,20 +457,20 @@ def scale_by_blockllm(
     # repack after the backward pass, whose peak it would otherwise add its
     # leaf-sized temporaries to.
     return _lean.PackedStep(
-        params_like=None, packed=packed,
-        finite=finite_loss & (norms_finite | ~trigger) & packed_finite,
-        do_select=do_select & packed_finite, selected=selected,
-        offset=offset)
+        params_like=None, packed=packed, decision=_Decision(
+            finite=finite_loss & (norms_finite | ~trigger) & packed_finite,
+            do_select=do_select & packed_finite, selected=selected,
+            offset=offset))
 
   def _lean_moments(step, layout, selection, reselect):
     """Moments and directions from a packed gradient (one device's slice on
     a mesh): repack for a new selection, then Adam on the whole buffer."""
-    finite, do_select = step.finite, step.do_select
+    finite, do_select = step.decision.finite, step.decision.do_select
     packed = step.packed
     selection = lax.cond(
         do_select,
         lambda selection: reselect(selection, None,
-                                   (step.selected, step.offset)),
+                                   (step.decision.selected, step.decision.offset)),
         lambda selection: selection, selection)
     selected, offset, leaf_count, visit_count, mu, nu = selection
 

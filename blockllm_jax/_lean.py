@@ -364,11 +364,9 @@ class PackedStep:
   params_like: Any  # the parameters' local shapes (ShapeDtypeStruct tree)
   packed: jax.Array  # packed_dtype[local capacity]: the device's slice
   dense: Sequence = ()  # per eligible leaf: its local gradient shard or None
-  # BlockLLM: the step's finiteness and selection, decided on global norms.
-  finite: Optional[jax.Array] = None  # bool[]
-  do_select: Optional[jax.Array] = None  # bool[]
-  selected: Optional[jax.Array] = None  # bool[L]
-  offset: Optional[jax.Array] = None  # int32[L], local to the slice
+  # What the optimizer decided on the global view (replicated arrays; e.g.
+  # BlockLLM's finiteness and new selection), or None.
+  decision: Any = None
 
 
 class LeanGradients:

@@ -23,6 +23,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -260,6 +261,37 @@ def shard_update(local_update, plan: MeshPlan, updates, state, params, value,
   # output is computed from all-reduced or replicated inputs).
   return jax.shard_map(run, mesh=plan.mesh, in_specs=in_specs,
                        out_specs=(param_specs, specs), check_vma=False)(*args)
+
+
+def shard_lean_update(local_update, plan: MeshPlan, step, state, params,
+                      value, *, eligible_index: Sequence[int], treedef):
+  """``shard_update`` of a lean step whose backward pass ran on the global
+  view.
+
+  ``step`` is a ``_lean.PackedStep`` of global arrays (``params_like`` the
+  local shapes): its packed gradient in the buffer's sharding, the dense
+  gradients of eligible leaves (``eligible_index`` maps them to parameters)
+  sharded like their parameters, and a replicated ``decision``.
+  ``local_update`` gets the same ``PackedStep`` with each device's shards.
+  """
+  dense_at = [i for i, g in enumerate(step.dense) if g is not None]
+
+  def run(arrays, state, params, value):
+    packed, dense, decision = arrays
+    full = [None] * len(step.dense)
+    for position, array in zip(dense_at, dense, strict=True):
+      full[position] = array
+    local = dataclasses.replace(step, packed=packed, dense=full,
+                                decision=decision)
+    return local_update(local, state, params, value)
+
+  arrays = (step.packed, tuple(step.dense[i] for i in dense_at),
+            step.decision)
+  specs = (plan.buffer_spec,
+           tuple(plan.specs[eligible_index[i]] for i in dense_at),
+           jax.tree.map(lambda _: P(), step.decision))
+  return shard_update(run, plan, arrays, state, params, value,
+                      update_specs=specs, treedef=treedef)
 
 
 def local_capacity(global_capacity: int, global_sizes: Sequence[int],

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -80,6 +81,14 @@ def static_int(name: str, value: Any, minimum: int) -> int:
 def static_float(name: str, value: Any) -> float:
   _require_concrete(name, value, "number")
   return float(np.asarray(value))
+
+
+def scalar_loss(value: Any) -> jax.Array:
+  """``value`` (the loss passed to ``update``) as a float32 scalar."""
+  loss = jnp.asarray(value, jnp.float32)
+  if loss.shape != ():
+    raise ValueError(f"`value` must be a scalar loss; got shape {loss.shape}.")
+  return loss
 
 
 def check_choice(name: str, value: Any, choices) -> None:
