@@ -8,7 +8,7 @@ traced ``update`` and never causes a recompilation.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp

@@ -482,8 +482,9 @@ def main(argv=None):
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"jax {jax.__version__}, optax {optax.__version__}")
   memory_rows, speed_rows = [], []
-  jobs = [(size, method) for size in args.sizes for method in args.methods
-          if {"memory", "speed"} & set(args.stages)]
+  jobs = []
+  if {"memory", "speed"} & set(args.stages):
+    jobs = [(size, method) for size in args.sizes for method in args.methods]
   fresh = args.peak and jax.default_backend() == "gpu"
   for i, (size, method) in enumerate(common.tqdm(
       jobs, desc="memory and speed", disable=args.no_progress)):
