@@ -1,9 +1,12 @@
 """BAdam: Adam on one block of layers at a time, switched on a schedule.
 
-The engine here also runs BREAD (:mod:`blockllm_jax._bread`), which adds a
-correction of the inactive blocks in the same step. Like BlockLLM, the Adam
-moments of the active set live in two flat buffers whose size is fixed at
-``init`` (always-active leaves plus the largest block period), and which
+This module is BAdam's *selection policy*: a schedule of blocks, a pure
+function of the finite-step count held in the state. The packed-moment
+Adam core is the engine's (:mod:`blockllm_jax._engine`), shared with
+BlockLLM; BREAD (:mod:`blockllm_jax._bread`) is this policy plus a
+correction of the inactive blocks (:mod:`blockllm_jax._corrections`). The
+Adam moments of the active set live in two flat buffers whose size is fixed
+at ``init`` (always-active leaves plus the largest block period), and which
 leaves they cover is data, so a block switch changes values, never shapes:
 one compilation per run.
 
@@ -12,11 +15,8 @@ offsets; then the leaves of the current block period (the active block,
 plus BREAD's in-scope LoRA adapters), packed in leaf order. Those restart
 from zero at every switch, with a fresh bias correction.
 
-Unlike BlockLLM's arbitrary leaf sets, a block period is one of ``B`` sets
-known in advance, so the step packs the period's gradients with a single
-``lax.switch`` over blocks (branches only gather) and runs Adam on the
-packed vector, instead of one ``lax.cond`` per leaf: on CPU this compiles
-about five times faster for a 70-leaf tree.
+A block period is one of ``B`` sets known in advance: the step's offsets
+are a row of a static table, indexed by the active block.
 
 References:
   Luo, Yu and Li, "BAdam: A Memory Efficient Full Parameter Optimization
@@ -33,17 +33,13 @@ import numpy as np
 import optax
 
 from blockllm_jax import _blocks
-from blockllm_jax import _compact
+from blockllm_jax import _corrections
+from blockllm_jax import _engine
 from blockllm_jax import _introspect
 from blockllm_jax import _layout
 from blockllm_jax import _lean
-from blockllm_jax import _rounding
 from blockllm_jax import _sharding
 from blockllm_jax import _validation
-
-CORRECTIONS = ("sgd", "sign_sgd", "lora")
-SCOPES = ("all", "partial")
-
 
 class ScaleByBAdamState(NamedTuple):
   """State of :func:`scale_by_badam` and :func:`scale_by_bread`; arrays only.
@@ -70,12 +66,6 @@ class ScaleByBAdamState(NamedTuple):
 _introspect.register_state_type(ScaleByBAdamState)
 
 
-def _lora_adapter_path(path) -> bool:
-  # Imported here: the optimizers do not otherwise need the models package.
-  from blockllm_jax.models._lora import is_lora_path
-  return is_lora_path(path)
-
-
 class _Plan(NamedTuple):
   """What every leaf does under each active block (static NumPy tables).
 
@@ -91,8 +81,8 @@ class _Plan(NamedTuple):
   offset: np.ndarray  # int32[B, L] start of the leaf in the packed vectors.
 
 
-def _plan(partition: _blocks.BlockPartition, correction: Optional[str],
-          scope: str) -> _Plan:
+def _plan(partition: _blocks.BlockPartition,
+          fix: _corrections.Correction) -> _Plan:
   """The static tables, and the capacity: always-active coordinates plus
   those of the largest block period (the block, plus for BREAD's LoRA
   correction the adapters in scope, which depend on the block)."""
@@ -107,21 +97,16 @@ def _plan(partition: _blocks.BlockPartition, correction: Optional[str],
   corrected = np.zeros_like(period)
   offset = np.zeros(period.shape, np.int64)
   for active in range(num_blocks):
-    reached = _blocks.in_scope(position, active, scope)
-    period[active] = (role == _blocks.BLOCK) & (position == active)
-    if correction == "lora":
-      period[active] |= (role == _blocks.ADAPTER) & reached
-    if correction in ("sgd", "sign_sgd"):
-      corrected[active] = (role == _blocks.BLOCK) & reached
+    adapters, corrected[active] = _corrections.block_tables(
+        role, position, active, fix)
+    period[active] = ((role == _blocks.BLOCK) & (position == active)
+                      | adapters)
     used = np.where(period[active], sizes, 0)
     offset[active] = np.where(always, np.cumsum(always_sizes) - always_sizes,
                               always_total + np.cumsum(used) - used)
   capacity = always_total + int(
       max((np.where(p, sizes, 0).sum() for p in period), default=0))
-  if capacity > _layout._INT32_MAX:
-    raise ValueError(
-        f"The compact state would hold {capacity} coordinates, more than the "
-        f"{_layout._INT32_MAX} that int32 offsets address; use smaller blocks.")
+  _engine.check_capacity(capacity, "use smaller blocks")
   return _Plan(always_total=always_total, capacity=capacity, period=period,
                corrected=corrected, offset=offset.astype(np.int32))
 
@@ -147,61 +132,42 @@ def _scale_by_block_adam(
     scope: str = "all",
     param_sharding: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """BAdam (``correction=None``) or BREAD: see the public wrappers.
+  """BAdam (``correction=None``) or BREAD: the block-schedule policy.
 
-  One step: the schedule gives the active block ``a``; a ``lax.switch`` on
-  ``a`` packs the gradients of the always-active leaves and of ``a``'s
-  period into one vector of ``capacity`` coordinates (the only data-
-  dependent choice, and its branches only gather); Adam runs elementwise on
-  the packed vector and the moment buffers (updated in place); each leaf's
-  update is then read back from its window (offsets from a static table
-  indexed by ``a``) or, for a corrected leaf, formed from its gradient.
+  One step: the schedule gives the active block ``a``; the always-active
+  leaves and ``a``'s period (offsets from a static table indexed by ``a``)
+  are the step's Adam set, which the engine (:mod:`blockllm_jax._engine`)
+  packs, updates and reads back; BREAD's corrections
+  (:mod:`blockllm_jax._corrections`) then touch the inactive blocks.
   """
   _validation.check_integer("switch_every", switch_every, 1)
   _validation.check_choice("order", order, _blocks.ORDERS)
   if layers_per_block is not None:
     _validation.check_integer("layers_per_block", layers_per_block, 1)
-  _validation.check_range("b1", b1, 0.0, 1.0)
-  _validation.check_range("b2", b2, 0.0, 1.0)
-  _validation.check_nonnegative("eps", eps)
-  _validation.check_nonnegative("eps_root", eps_root)
-  _validation.check_nonnegative("weight_decay", weight_decay)
-  if correction is not None:
-    _validation.check_choice("correction", correction, CORRECTIONS)
-    _validation.check_choice("scope", scope, SCOPES)
-    _validation.check_nonnegative("correction_scale", correction_scale)
-  moment_dtype = jnp.dtype(moment_dtype)
-  if not jnp.issubdtype(moment_dtype, jnp.floating):
-    raise ValueError(f"`moment_dtype` must be a float dtype; got {moment_dtype}.")
+  settings = _engine.adam_settings(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                                   weight_decay=weight_decay,
+                                   moment_dtype=moment_dtype)
+  fix = _corrections.correction(correction, correction_scale, scope)
   rule = _blocks.resolve_rule(blocks, layers_per_block, include_embedding,
                               include_head)
-  use_adapters = correction == "lora"
-  use_sgd = correction in ("sgd", "sign_sgd")
-  use_weight_decay = not (isinstance(weight_decay, (int, float))
-                          and weight_decay == 0)
-  use_adapter_scale = use_adapters and not (
-      isinstance(correction_scale, (int, float)) and correction_scale == 1)
 
   def partition_of(tree) -> _blocks.BlockPartition:
-    return _blocks.build_partition(
-        tree, rule, always_active,
-        _lora_adapter_path if use_adapters else None)
+    return _blocks.build_partition(tree, rule, always_active,
+                                   _corrections.adapter_rule(fix))
+
+  def layout_of(tree) -> _layout.LeafLayout:
+    return partition_of(tree).layout
 
   def init_fn(params):
     partition = partition_of(params)
     _blocks.check_partition(partition, blocks, include_embedding,
                             include_head)
-    if (use_adapters and partition.layout.paths
-        and _blocks.ADAPTER not in partition.role):
-      raise ValueError(
-          "`correction='lora'` trains LoRA adapters, but the parameter tree "
-          "has none (no leaf named `lora_a` / `lora_b`); add them with "
-          "`blockllm_jax.models.add_lora` or use `correction='sgd'`.")
+    _corrections.require_adapters(partition, fix)
     plan = _sharding.init_plan(param_sharding, params)
     if plan is not None:
       # Each device packs its own shards: the plan of the local shapes.
       partition = partition_of(_sharding.local_tree(params, plan))
-    capacity = _plan(partition, correction, scope).capacity
+    capacity = _plan(partition, fix).capacity
     num_leaves = partition.layout.num_eligible
     key = jax.random.PRNGKey(_validation.static_int("seed", seed, 0))
     if partition.num_blocks:
@@ -212,8 +178,8 @@ def _scale_by_block_adam(
     scalar = lambda value=0: jnp.full([], value, jnp.int32)
     return _sharding.place_state(ScaleByBAdamState(
         count=scalar(),
-        mu=_sharding.zeros_buffer(capacity, moment_dtype, plan),
-        nu=_sharding.zeros_buffer(capacity, moment_dtype, plan),
+        mu=_sharding.zeros_buffer(capacity, settings.moment_dtype, plan),
+        nu=_sharding.zeros_buffer(capacity, settings.moment_dtype, plan),
         active_block=scalar(-1),
         permutation=permutation,
         key=key,
@@ -230,36 +196,25 @@ def _scale_by_block_adam(
     del extra_args
     if param_sharding is None:
       return local_update(updates, state, params, value)
-    mesh_plan = _sharding.update_plan(param_sharding, updates)
-    lean = isinstance(updates, _lean.LeanGradients)
-    tree = updates.params_like if lean else updates
-    layout = partition_of(tree).layout
-    reduce = _sharding.collective(mesh_plan, layout.eligible_index,
-                                  layout.sizes)
-    run = lambda u, s, p, v: local_update(u, s, p, v, reduce)
-    if not lean:
-      return _sharding.shard_update(run, mesh_plan, updates, state, params,
-                                    value)
-    if not layout.eligible_index:
-      return layout.updates_tree(tree, []), state
-    # The backward pass is the model's: it runs here, on the global view,
-    # each device packing its own shards; the rest runs per device.
-    local_like = _sharding.local_tree(tree, mesh_plan)
-    partition = partition_of(local_like)
-    plan = checked_plan(partition,
-                        state.mu.shape[0] // mesh_plan.num_devices)
-    schedule, adam, offset = schedule_of(state, partition, plan)
-    packed, dense = lean_backward(updates, partition, adam, offset,
-                                  mesh_plan)
-    return _sharding.shard_lean_update(
-        run, mesh_plan, _lean.PackedStep(local_like, packed, dense), state,
-        params, value, eligible_index=layout.eligible_index,
-        treedef=layout.treedef)
+
+    def lean_step(grads, state, layout, local_like, mesh_plan):
+      del layout
+      partition = partition_of(local_like)
+      plan = checked_plan(partition,
+                          state.mu.shape[0] // mesh_plan.num_devices)
+      _, adam, offset = schedule_of(state, partition, plan)
+      packed, dense = lean_backward(grads, partition, adam, offset,
+                                    mesh_plan)
+      return _lean.PackedStep(local_like, packed, dense)
+
+    return _sharding.dispatch(param_sharding, updates, state, params, value,
+                              layout_of=layout_of, local_update=local_update,
+                              lean_step=lean_step)
 
   def checked_plan(partition, held: int) -> _Plan:
     """The static tables; ``held``: moment coordinates the state holds for
     this tree (per device on a mesh)."""
-    plan = _plan(partition, correction, scope)
+    plan = _plan(partition, fix)
     if plan.capacity != held:
       raise ValueError(
           f"The state holds {held} moment coordinates but this tree needs "
@@ -286,15 +241,14 @@ def _scale_by_block_adam(
     corrected block leaf and None for the others."""
     result = grads.backward(
         partition.layout.eligible_index, packed=adam, offset=offset,
-        dense=[use_sgd and r == _blocks.BLOCK for r in partition.role],
+        dense=_corrections.dense_needed(partition.role, fix),
         mesh_plan=mesh_plan)
     return result.packed, result.dense
 
   def local_update(updates, state, params, value, reduce=None):
     """The update on one device's shards (all of the params without
     sharding); ``reduce`` combines the finiteness checks across devices."""
-    if use_weight_decay and params is None:
-      raise ValueError("`weight_decay` > 0 needs `params` in `update`.")
+    _engine.require_params(settings, params)
     lean = isinstance(updates, (_lean.LeanGradients, _lean.PackedStep))
     tree = updates.params_like if lean else updates
     partition = partition_of(tree)
@@ -302,81 +256,51 @@ def _scale_by_block_adam(
     if not layout.eligible_index:
       return (layout.updates_tree(tree, []) if lean else updates), state
     plan = checked_plan(partition, state.mu.shape[0])
-    flat_params = (layout.treedef.flatten_up_to(params)
-                   if use_weight_decay else None)
     role = partition.role
-
+    schedule, adam, offset = schedule_of(state, partition, plan)
+    corrected = jnp.asarray(plan.corrected)[schedule.active]
+    # Always-active leaves count every finite step, the period's leaves
+    # the steps of the current block.
     # A step is skipped when what it uses is not finite: the loss (if
-    # given), the packed gradient (Adam-trained leaves) and, for an SGD
+    # given), the Adam-trained leaves' gradients and, for an SGD
     # correction, the gradients of the blocks. Frozen leaves' gradients do
     # not matter (the original does not even compute them).
     finite = jnp.ones([], bool)
     if value is not None:
       finite = jnp.isfinite(_validation.scalar_loss(value))
-
-    schedule, adam, offset = schedule_of(state, partition, plan)
-    always = [i for i, r in enumerate(role) if r == _blocks.ALWAYS_ACTIVE]
     if isinstance(updates, _lean.PackedStep):
-      packed_grad, grads = updates.packed, updates.dense
+      packed, grads = updates.packed, updates.dense
     elif lean:
-      packed_grad, grads = lean_backward(updates, partition, adam, offset)
+      packed, grads = lean_backward(updates, partition, adam, offset)
     else:
-      grads = layout.eligible_leaves(updates)
-
-      def gather(active):
-        members = always + [i for i in range(len(grads))
-                            if plan.period[active, i]]
-        return lambda grads: _compact.pack_leaves(
-            [grads[i] for i in members], plan.capacity, moment_dtype)
-
-      packed_grad = jax.lax.switch(
-          schedule.active, [gather(b) for b in range(partition.num_blocks)],
-          grads)
-    if use_sgd:
-      for g, r in zip(grads, role):
-        if r == _blocks.BLOCK:
-          finite &= jnp.all(jnp.isfinite(g))
-    finite &= jnp.all(jnp.isfinite(packed_grad))
+      packed, grads = None, layout.eligible_leaves(updates)
+      finite &= jnp.all(_engine.finite_flags(grads) | ~adam)
+    if packed is not None:
+      finite &= jnp.all(jnp.isfinite(packed))
+    finite &= _corrections.gradients_finite(grads, role, fix)
     finite = _sharding.all_true(finite, reduce)
-    # Period coordinates restart at a switch; always-active ones never do.
-    is_period = jnp.arange(plan.capacity) >= plan.always_total
-    restart = schedule.switch & is_period
-    # The moments are updated in place first and each leaf's direction is
-    # read from its windows of them: a direction computed from the old
-    # moments alongside would make XLA keep a copy of them all step.
-    mu = jnp.where(finite, (1 - b1) * packed_grad
-                   + b1 * jnp.where(restart, 0, state.mu), state.mu)
-    nu = jnp.where(finite, (1 - b2) * packed_grad**2
-                   + b2 * jnp.where(restart, 0, state.nu), state.nu)
 
-    corrected = jnp.asarray(plan.corrected)[schedule.active]
-    adam_now, corrected_now = adam & finite, corrected & finite
-    leaf_updates = []
-    for i in range(layout.num_eligible):
-      shape = layout.shapes[i]
-      out_dtype = jnp.promote_types(layout.dtypes[i], jnp.float32)
-      # A leaf lies wholly in the always-active or in the period region.
-      adam_count = jnp.where(offset[i] >= plan.always_total,
-                             schedule.block_step + 1, state.count + 1)
-      window = _compact.adam_direction(
-          _compact.read_leaf(mu, offset[i], layout.sizes[i]),
-          _compact.read_leaf(nu, offset[i], layout.sizes[i]), adam_count,
-          b1, b2, eps, eps_root)
-      adam_update = window.reshape(shape).astype(out_dtype)
-      if use_weight_decay:
-        param = flat_params[layout.eligible_index[i]]
-        adam_update = adam_update + weight_decay * param.astype(out_dtype)
-      if use_adapter_scale and role[i] == _blocks.ADAPTER:
-        adam_update = correction_scale * adam_update
-      update = jnp.where(adam_now[i], adam_update,
-                         jnp.zeros(shape, out_dtype))
-      if use_sgd and role[i] == _blocks.BLOCK:
-        step = grads[i].astype(out_dtype)
-        if correction == "sign_sgd":
-          step = jnp.sign(step)
-        update = jnp.where(corrected_now[i], correction_scale * step,
-                           update)
-      leaf_updates.append(update)
+    is_always = jnp.asarray(np.asarray(role) == _blocks.ALWAYS_ACTIVE)
+    # Always-active leaves count every finite step, the period's leaves
+    # the steps of the current block; the period restarts at a switch.
+    count = jnp.where(is_always, state.count + 1, schedule.block_step + 1)
+    units = _engine.per_unit(offset, adam & finite, count, settings,
+                             flag=corrected & finite,
+                             restart=schedule.switch & ~is_always)
+    if packed is None:
+      mu, nu = _engine.update_unit_moments(state.mu, state.nu, grads, units,
+                                           settings)
+    else:
+      restart = schedule.switch & (jnp.arange(plan.capacity)
+                                   >= plan.always_total)
+      mu, nu = _engine.update_moments(state.mu, state.nu, packed, finite,
+                                      settings, restart=restart)
+    leaf_params = (layout.eligible_leaves(params)
+                   if settings.use_weight_decay else None)
+    leaf_updates = _engine.unit_updates(mu, nu, layout, units, settings,
+                                        leaf_params)
+    leaf_updates = _corrections.correct(leaf_updates, grads, role, units,
+                                        fix)
 
     step = finite.astype(jnp.int32)
     keep = lambda new, old: jnp.where(finite, new, old)
@@ -500,16 +424,6 @@ def scale_by_badam(
       moment_dtype=moment_dtype, param_sharding=param_sharding)
 
 
-def finish(scale_by: optax.GradientTransformationExtraArgs, learning_rate,
-           stochastic_rounding: bool, seed: int):
-  """``scale_by`` then the learning rate, then (optionally) rounding."""
-  _validation.check_learning_rate(learning_rate)
-  parts = [scale_by, optax.scale_by_learning_rate(learning_rate)]
-  if stochastic_rounding:
-    parts.append(_rounding.stochastic_rounding(seed))
-  return optax.chain(*parts)
-
-
 def badam(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -557,7 +471,7 @@ def badam(
   References:
     Luo, Yu and Li, 2024. https://arxiv.org/abs/2404.02827
   """
-  return finish(
+  return _engine.with_learning_rate(
       scale_by_badam(
           switch_every, order, blocks=blocks,
           layers_per_block=layers_per_block,

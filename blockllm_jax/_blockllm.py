@@ -8,7 +8,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, NamedTuple, Optional
 
@@ -18,6 +17,7 @@ import optax
 from jax import lax
 
 from blockllm_jax import _compact
+from blockllm_jax import _engine
 from blockllm_jax import _introspect
 from blockllm_jax import _layout
 from blockllm_jax import _lean
@@ -51,6 +51,17 @@ class ScaleByBlockLLMState(NamedTuple):
 _introspect.register_state_type(ScaleByBlockLLMState)
 
 
+class _Selection(NamedTuple):
+  """The selection part of the state, which a reselection rewrites."""
+
+  selected: jax.Array  # bool[L]
+  offset: jax.Array  # int32[L]
+  leaf_count: jax.Array  # int32[L]
+  visit_count: jax.Array  # int32[L]
+  mu: jax.Array  # moment_dtype[capacity]
+  nu: jax.Array  # moment_dtype[capacity]
+
+
 class _Decision(NamedTuple):
   """What a lean step decided on the global view (replicated on a mesh)."""
 
@@ -71,12 +82,8 @@ def _capacity(sparsity: float, layout: _layout.LeafLayout) -> int:
     return 0
   total = layout.num_candidate_coordinates
   budget = math.ceil(round((1.0 - sparsity) * total, 6))
-  capacity = max(budget, max(layout.sizes))
-  if capacity > _layout._INT32_MAX:
-    raise ValueError(
-        f"The compact state would hold {capacity} coordinates, more than the "
-        f"{_layout._INT32_MAX} that int32 offsets address; raise `sparsity`.")
-  return capacity
+  return _engine.check_capacity(max(budget, max(layout.sizes)),
+                                "raise `sparsity`")
 
 
 def scale_by_blockllm(
@@ -169,19 +176,13 @@ def scale_by_blockllm(
     min_interval = patience
   _validation.check_integer("min_interval", min_interval, 0)
   _validation.check_nonnegative("stall_tolerance", stall_tolerance)
-  _validation.check_range("b1", b1, 0.0, 1.0)
-  _validation.check_range("b2", b2, 0.0, 1.0)
-  _validation.check_nonnegative("eps", eps)
-  _validation.check_nonnegative("eps_root", eps_root)
-  _validation.check_nonnegative("weight_decay", weight_decay)
+  settings = _engine.adam_settings(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                                   weight_decay=weight_decay,
+                                   moment_dtype=moment_dtype)
   _validation.check_range("topk_fraction", topk_fraction, 0.0, 1.0,
                           low_closed=False, high_closed=True)
-  moment_dtype = jnp.dtype(moment_dtype)
-  if not jnp.issubdtype(moment_dtype, jnp.floating):
-    raise ValueError(f"`moment_dtype` must be a float dtype; got {moment_dtype}.")
-  # Python constants let us drop whole computations at trace time.
-  use_weight_decay = not (isinstance(weight_decay, (int, float))
-                          and weight_decay == 0)
+  moment_dtype = settings.moment_dtype
+  # A Python constant lets us drop the sort at trace time.
   use_topk = not (isinstance(topk_fraction, (int, float))
                   and topk_fraction == 1)
   if param_sharding is not None and use_topk:
@@ -190,8 +191,11 @@ def scale_by_blockllm(
         "top-k of a leaf would need its whole direction on one device); "
         "use topk_fraction=1.0.")
 
+  def layout_of(tree):
+    return _layout.build_layout(tree, eligible)
+
   def init_fn(params):
-    layout = _layout.build_layout(params, eligible)
+    layout = layout_of(params)
     _layout.require_eligible(layout, eligible)
     # Shapes are fixed here; `update` reads them back from the state, so
     # under `optax.inject_hyperparams` these two may be traced there.
@@ -199,8 +203,7 @@ def scale_by_blockllm(
                          layout)
     plan = _sharding.init_plan(param_sharding, params)
     if plan is not None:
-      local = _layout.build_layout(_sharding.local_tree(params, plan),
-                                   eligible)
+      local = layout_of(_sharding.local_tree(params, plan))
       capacity = _sharding.local_capacity(capacity, layout.sizes,
                                           local.sizes)
     static_patience = _validation.static_int("patience", patience, 1)
@@ -226,33 +229,29 @@ def scale_by_blockllm(
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
     del extra_args
+    if value is None:
+      raise _engine.missing_loss_error("BlockLLM")
     if param_sharding is None:
       return local_update(updates, state, params, value)
-    plan = _sharding.update_plan(param_sharding, updates)
-    if value is None:
-      raise ValueError("BlockLLM needs the loss: `tx.update(..., value=loss)`.")
-    lean = isinstance(updates, _lean.LeanGradients)
-    tree = updates.params_like if lean else updates
-    layout = _layout.build_layout(tree, eligible)
-    reduce = _sharding.collective(plan, layout.eligible_index, layout.sizes)
+    tree = (updates.params_like if isinstance(updates, _lean.LeanGradients)
+            else updates)
     global_capacity = _capacity(
-        _validation.static_float("sparsity", sparsity), layout)
-    run = lambda u, s, p, v: local_update(u, s, p, v, reduce, global_capacity)
-    if not lean:
-      return _sharding.shard_update(run, plan, updates, state, params, value)
-    if not layout.eligible_index:
-      return layout.updates_tree(tree, []), state
-    # The backward pass is the model's: it runs here, on the global view,
-    # each device packing its own shards; the rest runs per device.
-    local_like = _sharding.local_tree(tree, plan)
-    local_sizes = _layout.build_layout(local_like, eligible).sizes
-    step = lean_gradients(updates, layout.eligible_index, state,
-                          _validation.scalar_loss(value), local_sizes,
-                          layout.sizes, global_capacity, plan)
-    return _sharding.shard_lean_update(
-        run, plan, dataclasses.replace(step, params_like=local_like), state,
-        params, value, eligible_index=layout.eligible_index,
-        treedef=layout.treedef)
+        _validation.static_float("sparsity", sparsity), layout_of(tree))
+
+    def run(u, s, p, v, reduce):
+      return local_update(u, s, p, v, reduce, global_capacity)
+
+    def lean_step(grads, state, layout, local_like, plan):
+      # The backward pass is the model's: it runs on the global view, each
+      # device packing its own shards into its slice.
+      return lean_gradients(grads, layout.eligible_index, state,
+                            _validation.scalar_loss(value),
+                            layout_of(local_like).sizes, layout.sizes,
+                            global_capacity, plan)
+
+    return _sharding.dispatch(param_sharding, updates, state, params, value,
+                              layout_of=layout_of, local_update=run,
+                              lean_step=lean_step)
 
   def local_update(updates, state, params, value, reduce=None,
                    global_capacity=None):
@@ -260,61 +259,72 @@ def scale_by_blockllm(
     sharding); ``reduce`` sums across devices, selection uses whole-leaf
     sizes and the global capacity."""
     if value is None:
-      raise ValueError(
-          "BlockLLM decides reselection from the loss: call "
-          "`tx.update(grads, state, params, value=loss)` (e.g. "
-          "`loss, grads = jax.value_and_grad(loss_fn)(params)`). Without it "
-          "the selection would never change.")
-    if use_weight_decay and params is None:
-      raise ValueError("`weight_decay` > 0 needs `params` in `update`.")
+      raise _engine.missing_loss_error("BlockLLM")
+    _engine.require_params(settings, params)
     lean = isinstance(updates, (_lean.LeanGradients, _lean.PackedStep))
     tree = updates.params_like if lean else updates
-    layout = _layout.build_layout(tree, eligible)
+    layout = layout_of(tree)
     if not layout.eligible_index:
       return (layout.updates_tree(tree, []) if lean else updates), state
-    flat_params = (layout.treedef.flatten_up_to(params)
-                   if use_weight_decay else None)
     capacity = state.mu.shape[0]
     sizes = layout.sizes
     # The budget counts whole leaves, so every device makes the same choice.
     select_sizes = sizes if reduce is None else reduce.global_sizes
     select_capacity = capacity if reduce is None else global_capacity
     loss = _validation.scalar_loss(value)
+    selection = _Selection(state.selected, state.offset, state.leaf_count,
+                           state.visit_count, state.mu, state.nu)
 
-    def reselect(selection, norms, chosen=None):
-      selected, offset, leaf_count, visit_count, mu, nu = selection
-      new_selected, new_offset = chosen or choose(
-          visit_count, norms, sizes, select_sizes, select_capacity)
-      kept = selected & new_selected
-      fresh = new_selected & ~selected
-      mu = _compact.repack(mu, sizes, offset, new_offset, kept, fresh)
-      nu = _compact.repack(nu, sizes, offset, new_offset, kept, fresh)
-      return (new_selected, new_offset, jnp.where(kept, leaf_count, 0),
-              visit_count + new_selected.astype(jnp.int32), mu, nu)
-
-    selection = (state.selected, state.offset, state.leaf_count,
-                 state.visit_count, state.mu, state.nu)
     if isinstance(updates, _lean.LeanGradients):
       updates = lean_gradients(updates, layout.eligible_index, state, loss,
                                sizes, select_sizes, select_capacity)
     if lean:
-      finite, do_select, selection, leaf_update = _lean_moments(
-          updates, layout, selection, reselect)
+      # Tiers B/C: the packed gradient came in, in the layout of the
+      # decided selection; the moments follow it.
+      decision = updates.decision
+      finite, do_select = decision.finite, decision.do_select
+      chosen = (decision.selected, decision.offset)
+      selection = lax.cond(do_select, lambda s: reselect(s, chosen, sizes),
+                           lambda s: s, selection)
+      packed = updates.packed
     else:
-      finite, do_select, selection, leaf_update = _plain_selection(
-          updates, layout, loss, trigger_of(state, loss), selection,
-          reselect, reduce)
-    selected, offset, leaf_count, visit_count, mu, nu = selection
+      # Tier A: the full gradient; any non-finite entry skips the step.
+      grads = layout.eligible_leaves(updates)
+      finite = _sharding.all_true(
+          jnp.isfinite(loss) & jnp.all(_engine.finite_flags(grads)), reduce)
+      do_select = finite & trigger_of(state, loss)
 
-    active = selected & finite
-    new_leaf_count = leaf_count + active.astype(jnp.int32)
-    directions = []
-    for i in range(layout.num_eligible):
-      param = (flat_params[layout.eligible_index[i]] if use_weight_decay
-               else None)
-      direction, mu, nu = leaf_update(i, mu, nu, offset[i], active[i],
-                                      new_leaf_count[i], param)
-      directions.append(direction)
+      def reselect_from_grads(selection):
+        # The scores' norms only on steps that reselect.
+        norm_sq = _sharding.leaf_sums(jnp.stack(
+            [jnp.sum(jnp.square(g.astype(jnp.float32))) for g in grads]),
+                                      reduce)
+        return reselect(selection, choose(
+            selection.visit_count, jnp.sqrt(norm_sq), sizes, select_sizes,
+            select_capacity), sizes)
+
+      selection = lax.cond(do_select, reselect_from_grads, lambda s: s,
+                           selection)
+
+    active = selection.selected & finite
+    leaf_count = selection.leaf_count + active.astype(jnp.int32)
+    units = _engine.per_unit(selection.offset, active, leaf_count, settings)
+    if lean:
+      # The packed gradient holds the selected leaves up to `used`; the
+      # tail of the buffers is left as it is.
+      used = jnp.sum(jnp.where(selection.selected,
+                               jnp.asarray(sizes, jnp.int32), 0))
+      mu, nu = _engine.update_moments(
+          selection.mu, selection.nu, packed,
+          (jnp.arange(capacity) < used) & finite, settings)
+    else:
+      mu, nu = _engine.update_unit_moments(selection.mu, selection.nu, grads,
+                                           units, settings)
+    leaf_params = (layout.eligible_leaves(params)
+                   if settings.use_weight_decay else None)
+    directions = _engine.unit_updates(
+        mu, nu, layout, units, settings, leaf_params,
+        finish=keep_top if use_topk else None)
 
     step = finite.astype(jnp.int32)
     loss_window, loss_count = _loss_trigger.push_loss(
@@ -324,10 +334,10 @@ def scale_by_blockllm(
         count=state.count + step,
         mu=mu,
         nu=nu,
-        selected=selected,
-        offset=offset,
-        leaf_count=new_leaf_count,
-        visit_count=visit_count,
+        selected=selection.selected,
+        offset=selection.offset,
+        leaf_count=leaf_count,
+        visit_count=selection.visit_count,
         leaf_index=state.leaf_index,
         loss_window=loss_window,
         loss_count=loss_count,
@@ -337,6 +347,20 @@ def scale_by_blockllm(
         skipped_count=state.skipped_count + (1 - step),
     )
     return layout.updates_tree(tree, directions), new_state
+
+  def reselect(selection, chosen, sizes):
+    """The new selection's state: kept leaves keep their moments and
+    counts (moved in place to their new offsets), new ones start at zero."""
+    new_selected, new_offset = chosen
+    kept = selection.selected & new_selected
+    fresh = new_selected & ~selection.selected
+    mu, nu = _compact.repack((selection.mu, selection.nu), sizes,
+                             selection.offset, new_offset, kept, fresh)
+    return _Selection(
+        selected=new_selected, offset=new_offset,
+        leaf_count=jnp.where(kept, selection.leaf_count, 0),
+        visit_count=selection.visit_count + new_selected.astype(jnp.int32),
+        mu=mu, nu=nu)
 
   def trigger_of(state, loss):
     """bool[]: the selection is revised this step (first step, or the loss
@@ -359,59 +383,14 @@ def scale_by_blockllm(
     return new_selected, _compact.packed_offsets(
         new_selected, jnp.asarray(sizes, jnp.int32))
 
-  def finish_direction(direction, shape, dtype, param):
-    """Top-k and weight decay of one selected leaf's Adam direction."""
-    if use_topk:
-      direction = _compact.keep_top_fraction(direction, topk_fraction)
-    direction = direction.reshape(shape)
-    if use_weight_decay:
-      direction = direction + weight_decay * param
-    return direction.astype(dtype)
-
-  def _plain_selection(updates, layout, loss, trigger, selection, reselect,
-                       reduce):
-    """Tier A: the full gradient came in; skip on any non-finite entry."""
-    grads = layout.eligible_leaves(updates)
-    finite = jnp.isfinite(loss)
-    for g in grads:
-      finite &= jnp.all(jnp.isfinite(g))
-    finite = _sharding.all_true(finite, reduce)
-
-    def reselect_from_grads(selection):
-      norm_sq = jnp.stack([jnp.sum(jnp.square(g.astype(jnp.float32)))
-                           for g in grads])
-      return reselect(selection, jnp.sqrt(_sharding.leaf_sums(norm_sq,
-                                                              reduce)))
-
-    do_select = finite & trigger
-    selection = lax.cond(do_select, reselect_from_grads,
-                         lambda selection: selection, selection)
-
-    # Per leaf: read its moment windows, run Adam under a `lax.cond` whose
-    # operands are only leaf-sized (unselected leaves skip the arithmetic),
-    # and write the windows back outside the cond. Passing the whole moment
-    # buffers through the conds instead makes XLA copy them once per leaf.
-    def leaf_update(i, mu, nu, off, active, count, param):
-      grad, size = grads[i], layout.sizes[i]
-      mu_leaf = _compact.read_leaf(mu, off, size)
-      nu_leaf = _compact.read_leaf(nu, off, size)
-
-      def train_leaf(grad, mu_leaf, nu_leaf):
-        direction, mu_leaf, nu_leaf = _compact.bias_corrected_adam(
-            grad.reshape(-1).astype(moment_dtype), mu_leaf, nu_leaf,
-            count, b1, b2, eps, eps_root)
-        return (finish_direction(direction, grad.shape, grad.dtype, param),
-                mu_leaf, nu_leaf)
-
-      def skip_leaf(grad, mu_leaf, nu_leaf):
-        return jnp.zeros_like(grad), mu_leaf, nu_leaf
-
-      direction, mu_leaf, nu_leaf = lax.cond(active, train_leaf, skip_leaf,
-                                             grad, mu_leaf, nu_leaf)
-      return (direction, _compact.write_leaf(mu, mu_leaf, off),
-              _compact.write_leaf(nu, nu_leaf, off))
-
-    return finite, do_select, selection, leaf_update
+  def keep_top(i, unit, update):
+    """The paper's within-leaf sparsity: a sort, so only for active leaves."""
+    del i
+    flat = update.reshape(-1)
+    return lax.cond(
+        unit.active,
+        lambda: _compact.keep_top_fraction(flat, topk_fraction),
+        lambda: jnp.zeros_like(flat)).reshape(update.shape)
 
   def lean_gradients(grads, leaves, state, loss, sizes, select_sizes,
                      select_capacity, mesh_plan=None):
@@ -423,7 +402,7 @@ def scale_by_blockllm(
     and backward pass to pack the new selection's gradients (a backward
     pass inside the branch on the first pass's activations would hold all
     of them at once). The moments are not touched here: on a mesh this
-    runs on the global view, and :func:`_lean_moments` per device.
+    runs on the global view, and the engine's update per device.
 
     Returns:
       A ``_lean.PackedStep`` (without ``params_like``): the packed gradient
@@ -462,46 +441,6 @@ def scale_by_blockllm(
             do_select=do_select & packed_finite, selected=selected,
             offset=offset))
 
-  def _lean_moments(step, layout, selection, reselect):
-    """Moments and directions from a packed gradient (one device's slice on
-    a mesh): repack for a new selection, then Adam on the whole buffer."""
-    finite, do_select = step.decision.finite, step.decision.do_select
-    packed = step.packed
-    selection = lax.cond(
-        do_select,
-        lambda selection: reselect(selection, None,
-                                   (step.decision.selected, step.decision.offset)),
-        lambda selection: selection, selection)
-    selected, offset, leaf_count, visit_count, mu, nu = selection
-
-    # Adam on the packed buffer at once: it holds exactly the selected
-    # leaves' gradients, in the moments' layout, up to `used`.
-    used = jnp.sum(jnp.where(selected, jnp.asarray(layout.sizes, jnp.int32),
-                             0))
-    in_use = (jnp.arange(packed.shape[0]) < used) & finite
-    mu = jnp.where(in_use, (1 - b1) * packed + b1 * mu, mu)
-    nu = jnp.where(in_use, (1 - b2) * (packed**2) + b2 * nu, nu)
-    selection = (selected, offset, leaf_count, visit_count, mu, nu)
-
-    def leaf_update(i, mu, nu, off, active, count, param):
-      shape, dtype = layout.shapes[i], layout.dtypes[i]
-      size = layout.sizes[i]
-
-      def direction():
-        return finish_direction(
-            _compact.adam_direction(_compact.read_leaf(mu, off, size),
-                                    _compact.read_leaf(nu, off, size),
-                                    count, b1, b2, eps, eps_root),
-            shape, dtype, param)
-
-      zeros = jnp.zeros(shape, dtype)
-      if use_topk:  # a sort: only for the selected leaves
-        return lax.cond(active, direction, lambda: zeros), mu, nu
-      # Elementwise: fuses with the learning rate and `apply_updates`.
-      return jnp.where(active, direction(), zeros), mu, nu
-
-    return finite, do_select, selection, leaf_update
-
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
@@ -520,9 +459,11 @@ def blockllm(
     topk_fraction: float = 1.0,
     eligible: _layout.Eligible = None,
     moment_dtype: Any = "float32",
+    stochastic_rounding: bool = True,
+    seed: int = 0,
     param_sharding: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """BlockLLM optimizer: :func:`scale_by_blockllm` then the learning rate.
+  """BlockLLM optimizer: :func:`scale_by_blockllm`, the learning rate, rounding.
 
   With ``weight_decay`` this is AdamW restricted to the selected leaves; at
   ``sparsity=0`` with every leaf eligible it equals ``optax.adamw``.
@@ -532,6 +473,11 @@ def blockllm(
     sparsity, patience, min_interval, stall_tolerance, b1, b2, eps, eps_root,
       weight_decay, topk_fraction, eligible, moment_dtype, param_sharding:
       see :func:`scale_by_blockllm`.
+    stochastic_rounding: end with :func:`blockllm_jax.stochastic_rounding`
+      (seeded with ``seed``), so that updates of bf16 / fp16 parameters,
+      which come back in float32, are rounded stochastically instead of to
+      nearest. No effect on float32 parameters; costs a ``uint32[2]`` key.
+    seed: seed of the stochastic rounding.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; pass the loss to ``update``
@@ -550,13 +496,11 @@ def blockllm(
   References:
     Ramesh et al., 2024. https://arxiv.org/abs/2406.17296
   """
-  _validation.check_learning_rate(learning_rate)
-  return optax.chain(
+  return _engine.with_learning_rate(
       scale_by_blockllm(
           sparsity, patience, min_interval=min_interval,
           stall_tolerance=stall_tolerance, b1=b1, b2=b2, eps=eps,
           eps_root=eps_root, weight_decay=weight_decay,
           topk_fraction=topk_fraction, eligible=eligible,
           moment_dtype=moment_dtype, param_sharding=param_sharding),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, stochastic_rounding, seed)

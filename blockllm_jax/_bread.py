@@ -29,6 +29,7 @@ import optax
 
 from blockllm_jax import _badam
 from blockllm_jax import _blocks
+from blockllm_jax import _engine
 
 
 def scale_by_bread(
@@ -165,7 +166,7 @@ def bread(
     BREAD: https://openreview.net/forum?id=zs6bRl05g8
     BAdam: Luo, Yu and Li, 2024. https://arxiv.org/abs/2404.02827
   """
-  return _badam.finish(
+  return _engine.with_learning_rate(
       scale_by_bread(
           correction, correction_scale, scope, switch_every=switch_every,
           order=order, blocks=blocks, layers_per_block=layers_per_block,

@@ -103,9 +103,10 @@ def repeated_run(sizes: tuple[int, ...]) -> tuple[int, int, int]:
   return best[1]
 
 
-def for_each_leaf(buffer: jax.Array, sizes: Sequence[int], body,
-                  reverse: bool = False) -> jax.Array:
+def for_each_leaf(buffer, sizes: Sequence[int], body, reverse: bool = False):
   """``buffer = body(buffer, i, sizes[i])`` for every leaf ``i`` in order.
+
+  ``buffer`` may be any pytree of arrays (e.g. a tuple of buffers).
 
   ``body`` needs a static window size, so a loop over leaves is unrolled;
   the stretch of leaves that repeats one pattern (the model's layers, see
@@ -141,69 +142,48 @@ def for_each_leaf(buffer: jax.Array, sizes: Sequence[int], body,
   return buffer
 
 
-def repack(buffer: jax.Array, sizes: Sequence[int], old_offset: jax.Array,
-           new_offset: jax.Array, kept: jax.Array,
-           fresh: jax.Array) -> jax.Array:
+def repack(buffers, sizes: Sequence[int], old_offset: jax.Array,
+           new_offset: jax.Array, kept: jax.Array, fresh: jax.Array):
   """Moves kept leaves to their new offsets in place and zeroes fresh ones.
 
   Both layouts keep selected leaves in ascending leaf order, so the move is a
   memmove of ordered segments: leaves moving towards the start are moved in
   ascending order, then leaves moving towards the end in descending order.
   No segment is overwritten before it has been moved, and no second buffer
-  of ``capacity`` entries is needed.
+  of ``capacity`` entries is needed. Several buffers of the same layout
+  (Adam's two moments) move together, in one pass over the leaves.
 
   Args:
-    buffer: the flat moment buffer.
+    buffers: a flat buffer, or a tuple of flat buffers of one layout.
     sizes: static size of every leaf.
     old_offset, new_offset: int32[L] offsets before and after.
     kept: bool[L], selected before and after (data to keep).
     fresh: bool[L], newly selected (moments restart at zero).
 
   Returns:
-    The repacked buffer.
+    The repacked buffer(s), as passed.
   """
+  single = not isinstance(buffers, (tuple, list))
+  buffers = (buffers,) if single else tuple(buffers)
+
   def move(direction):
-    def body(buf, i, size):
+    def body(bufs, i, size):
       moves = kept[i] & (direction * (new_offset[i] - old_offset[i]) > 0)
       # A leaf that does not move reads and rewrites its own window: a no-op.
       source = jnp.where(moves, old_offset[i], new_offset[i])
-      return write_leaf(buf, read_leaf(buf, source, size), new_offset[i])
+      return tuple(write_leaf(b, read_leaf(b, source, size), new_offset[i])
+                   for b in bufs)
     return body
 
-  def zero_fresh(buf, i, size):
-    window = read_leaf(buf, new_offset[i], size)
-    return write_leaf(buf, jnp.where(fresh[i], 0, window), new_offset[i])
+  def zero_fresh(bufs, i, size):
+    return tuple(
+        write_leaf(b, jnp.where(fresh[i], 0, read_leaf(b, new_offset[i], size)),
+                   new_offset[i]) for b in bufs)
 
-  buffer = for_each_leaf(buffer, sizes, move(-1))
-  buffer = for_each_leaf(buffer, sizes, move(+1), reverse=True)
-  return for_each_leaf(buffer, sizes, zero_fresh)
-
-
-def bias_corrected_adam(grad: jax.Array, mu: jax.Array, nu: jax.Array,
-                        count: jax.Array, b1, b2, eps, eps_root):
-  """One Adam step on flat arrays, written as ``optax.scale_by_adam`` does.
-
-  Args:
-    grad: flat gradient, in the moment dtype.
-    mu, nu: flat first / second moments.
-    count: int32 number of steps including this one (>= 1).
-    b1, b2, eps, eps_root: Adam hyperparameters.
-
-  Returns:
-    ``(direction, new_mu, new_nu)``; direction is the un-scaled Adam update.
-  """
-  new_mu = (1 - b1) * grad + b1 * mu
-  new_nu = (1 - b2) * (grad**2) + b2 * nu
-  return (adam_direction(new_mu, new_nu, count, b1, b2, eps, eps_root),
-          new_mu, new_nu)
-
-
-def adam_direction(mu: jax.Array, nu: jax.Array, count: jax.Array, b1, b2,
-                   eps, eps_root) -> jax.Array:
-  """The bias-corrected Adam direction from already updated moments."""
-  mu_hat = mu / (1 - b1**count).astype(mu.dtype)
-  nu_hat = nu / (1 - b2**count).astype(nu.dtype)
-  return mu_hat / (jnp.sqrt(nu_hat + eps_root) + eps)
+  buffers = for_each_leaf(buffers, sizes, move(-1))
+  buffers = for_each_leaf(buffers, sizes, move(+1), reverse=True)
+  buffers = for_each_leaf(buffers, sizes, zero_fresh)
+  return buffers[0] if single else buffers
 
 
 def keep_top_fraction(direction: jax.Array, fraction) -> jax.Array:
@@ -217,18 +197,3 @@ def keep_top_fraction(direction: jax.Array, fraction) -> jax.Array:
   k = jnp.clip(jnp.ceil(fraction * size).astype(jnp.int32), 1, size)
   threshold = jnp.sort(magnitude)[size - k]
   return jnp.where(magnitude >= threshold, direction, 0)
-
-
-def pack_leaves(leaves: Sequence[jax.Array], capacity: int,
-                dtype) -> jax.Array:
-  """Flattens ``leaves`` in order into one ``dtype[capacity]`` vector.
-
-  Leaf ``k`` lands at the sum of the sizes before it; the tail after the
-  last leaf is zero.
-  """
-  parts = [leaf.reshape(-1).astype(dtype) for leaf in leaves]
-  used = sum(int(part.shape[0]) for part in parts)
-  if used > capacity:
-    raise ValueError(f"{used} coordinates do not fit into {capacity}.")
-  parts.append(jnp.zeros([capacity - used], dtype))
-  return jnp.concatenate(parts)

@@ -294,6 +294,43 @@ def shard_lean_update(local_update, plan: MeshPlan, step, state, params,
                       update_specs=specs, treedef=treedef)
 
 
+def dispatch(param_sharding, updates, state, params, value, *, layout_of,
+             local_update, lean_step):
+  """The ``update`` of a block optimizer built with ``param_sharding``.
+
+  A full gradient tree runs ``local_update`` per device (``shard_map``). A
+  lean gradient first runs its backward pass on the global view, where it
+  is the model's and XLA partitions it, through the policy's
+  ``lean_step(updates, state, layout, local_like, plan)`` returning a
+  ``_lean.PackedStep``; the rest of the update then runs per device.
+
+  Args:
+    param_sharding: pytree of ``NamedSharding`` like the params.
+    updates: gradients or a ``_lean.LeanGradients``.
+    state, params, value: as passed to ``update``.
+    layout_of: ``tree -> LeafLayout`` of the optimizer's units.
+    local_update: ``(updates, state, params, value, reduce) -> (updates,
+      state)`` on one device's shards.
+    lean_step: see above.
+  """
+  plan = update_plan(param_sharding, updates)
+  lean = isinstance(updates, _lean.LeanGradients)
+  tree = updates.params_like if lean else updates
+  layout = layout_of(tree)
+  reduce = collective(plan, layout.eligible_index, layout.sizes)
+  run = lambda u, s, p, v: local_update(u, s, p, v, reduce)
+  if not lean:
+    return shard_update(run, plan, updates, state, params, value)
+  if not layout.eligible_index:
+    return layout.updates_tree(tree, []), state
+  local_like = local_tree(tree, plan)
+  step = lean_step(updates, state, layout, local_like, plan)
+  return shard_lean_update(
+      run, plan, dataclasses.replace(step, params_like=local_like), state,
+      params, value, eligible_index=layout.eligible_index,
+      treedef=layout.treedef)
+
+
 def local_capacity(global_capacity: int, global_sizes: Sequence[int],
                    local_sizes: Sequence[int]) -> int:
   """Per-device coordinates that any selection of at most

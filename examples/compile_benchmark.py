@@ -1,0 +1,177 @@
+"""Compile time of one train step against AdamW, over model depth.
+
+For each depth, builds our LLaMA (default width 64) and compiles one jitted
+train step per method on abstract shapes (``jax.jit(step).lower(...)
+.compile()``), timing the CPU process time of lowering plus compiling (what
+a user waits for before the first step; XLA's compiler is single-threaded
+for one program, so process time is robust to a busy machine). Reports the
+time, its ratio to AdamW's at the same depth, the size of the optimized HLO
+and, per method, the slope of compile time over depth (seconds per layer,
+least squares) next to AdamW's.
+
+Methods: ``adamw`` (``optax.adamw``), ``blockllm`` / ``badam`` on
+``jax.value_and_grad`` (the plain path), and ``blockllm-lean`` /
+``badam-lean`` on :func:`blockllm_jax.lean_value_and_grad` (gradient- and
+compute-lean).
+
+Usage::
+
+  python examples/compile_benchmark.py                   # 2 4 8 16 32 layers
+  python examples/compile_benchmark.py --layers 2 8 --methods adamw blockllm
+
+Writes ``results.json``, ``compile.md`` and ``compile.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_common  # noqa: E402
+
+import blockllm_jax as bl  # noqa: E402
+from blockllm_jax.models import LlamaForCausalLM  # noqa: E402
+from blockllm_jax.models import LlamaSettings  # noqa: E402
+from blockllm_jax.models import causal_lm_loss  # noqa: E402
+
+METHODS = ("adamw", "blockllm", "blockllm-lean", "badam", "badam-lean")
+
+
+def train_step(method: str, model):
+  """(optimizer, step) of one method; the step takes (params, state, tokens)."""
+  def loss_fn(params, tokens):
+    return causal_lm_loss(model.apply({"params": params}, tokens), tokens)
+
+  if method == "adamw":
+    tx = optax.adamw(1e-4)
+  elif method.startswith("blockllm"):
+    tx = bl.blockllm(1e-4, sparsity=0.9)
+  else:
+    tx = bl.badam(1e-4, switch_every=50)
+  if method.endswith("-lean"):
+    grad_fn = bl.lean_value_and_grad(loss_fn)
+  else:
+    grad_fn = lambda p, s, t: jax.value_and_grad(loss_fn)(p, t)
+
+  def step(params, opt_state, tokens):
+    loss, grads = grad_fn(params, opt_state, tokens)
+    updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return tx, step
+
+
+def measure(method: str, layers: int, args) -> dict:
+  settings = LlamaSettings(
+      vocab_size=args.vocab, hidden_size=args.width,
+      intermediate_size=2 * args.width, num_hidden_layers=layers,
+      num_attention_heads=4, num_key_value_heads=2)
+  model = LlamaForCausalLM(settings)
+  tokens = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32)
+  params = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0),
+                         jnp.zeros(tokens.shape, tokens.dtype))["params"])
+  tx, step = train_step(method, model)
+  opt_state = jax.eval_shape(tx.init, params)
+  wall, cpu = time.perf_counter(), time.process_time()
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, opt_state, tokens).compile()
+  cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+  hlo_lines = len(compiled.as_text().splitlines())
+  return dict(method=method, layers=layers, compile_cpu_s=cpu,
+              compile_wall_s=wall, hlo_lines=hlo_lines)
+
+
+def slope(rows, method):
+  """Seconds of compile (CPU) per layer, least squares over the depths."""
+  points = [(r["layers"], r["compile_cpu_s"]) for r in rows
+            if r["method"] == method]
+  if len(points) < 2:
+    return float("nan")
+  x, y = np.asarray(points, float).T
+  return float(np.polyfit(x, y, 1)[0])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--layers", type=int, nargs="+",
+                      default=[2, 4, 8, 16, 32])
+  parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                      choices=METHODS)
+  parser.add_argument("--width", type=int, default=64)
+  parser.add_argument("--vocab", type=int, default=256)
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--seq", type=int, default=16)
+  parser.add_argument("--out", type=Path, default=Path("runs/compile"))
+  args = parser.parse_args()
+  if "adamw" not in args.methods:
+    args.methods = ["adamw", *args.methods]
+  args.out.mkdir(parents=True, exist_ok=True)
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+        f"jax {jax.__version__}, width {args.width}, batch {args.batch} x "
+        f"seq {args.seq}")
+  rows = []
+  jobs = [(n, m) for n in args.layers for m in args.methods]
+  for layers, method in llama_common.tqdm(jobs, desc="compile"):
+    rows.append(measure(method, layers, args))
+    jax.clear_caches()
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+
+  adamw = {r["layers"]: r for r in rows if r["method"] == "adamw"}
+  header = ["layers", "method", "compile s (CPU)", "÷ adamw", "HLO lines",
+            "÷ adamw"]
+  table = []
+  for r in rows:
+    ref = adamw[r["layers"]]
+    table.append([str(r["layers"]), r["method"], f"{r['compile_cpu_s']:.1f}",
+                  f"{r['compile_cpu_s'] / ref['compile_cpu_s']:.2f}",
+                  str(r["hlo_lines"]),
+                  f"{r['hlo_lines'] / ref['hlo_lines']:.2f}"])
+  llama_common.print_table(header, table)
+  base = slope(rows, "adamw")
+  slopes = [[m, f"{slope(rows, m):.3f}", f"{slope(rows, m) / base:.2f}"]
+            for m in args.methods]
+  llama_common.print_table(["method", "s per layer", "÷ adamw"], slopes)
+  markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  markdown += ["| " + " | ".join(row) + " |" for row in table]
+  markdown += ["", "| method | s per layer | ÷ adamw |", "|---|---|---|"]
+  markdown += ["| " + " | ".join(row) + " |" for row in slopes]
+  (args.out / "compile.md").write_text("\n".join(markdown) + "\n")
+  plot(rows, args)
+  print(f"wrote {args.out}/results.json, compile.md, compile.png")
+
+
+def plot(rows, args):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for method in args.methods:
+    points = sorted((r["layers"], r["compile_cpu_s"]) for r in rows
+                    if r["method"] == method)
+    ax.plot(*zip(*points), marker="o", label=method)
+  ax.set_xlabel("decoder layers")
+  ax.set_ylabel("compile time, CPU s")
+  ax.set_title(f"train-step compile time (width {args.width})")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(args.out / "compile.png", dpi=120)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  main()
