@@ -425,7 +425,7 @@ def test_inject_hyperparams_without_static_sparsity_is_explained():
 
 
 @pytest.mark.parametrize("moment_dtype", [jnp.float32, jnp.bfloat16])
-def test_bf16_params_get_bf16_updates_and_learn(moment_dtype):
+def test_bf16_params_stay_bf16_and_learn(moment_dtype):
   params, loss_fn = tiny_models.mlp_problem(dtype=jnp.bfloat16)
   tx = bl.blockllm(1e-2, sparsity=0.5, patience=5, moment_dtype=moment_dtype)
   state = tx.init(params)
