@@ -126,6 +126,11 @@ def scale_by_blockllm(
   the selection and the loss statistics untouched, returns zero updates and
   increments ``skipped_count``.
 
+  Updates of parameters narrower than float32 (bf16, fp16) come back in
+  float32, as from :func:`blockllm_jax.scale_by_badam`;
+  :func:`blockllm_jax.blockllm` ends with
+  :func:`blockllm_jax.stochastic_rounding`.
+
   Args:
     sparsity: fraction of eligible coordinates *not* trained, in [0, 1).
     patience: number of recent losses in the moving average (>= 1).

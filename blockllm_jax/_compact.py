@@ -171,18 +171,17 @@ def repack(buffers, sizes: Sequence[int], old_offset: jax.Array,
       moves = kept[i] & (direction * (new_offset[i] - old_offset[i]) > 0)
       # A leaf that does not move reads and rewrites its own window: a no-op.
       source = jnp.where(moves, old_offset[i], new_offset[i])
-      return tuple(write_leaf(b, read_leaf(b, source, size), new_offset[i])
-                   for b in bufs)
+      # Fresh leaves are zeroed in the second pass, in place: by then every
+      # leaf before them has left their new window, and every leaf after
+      # them is already in its own.
+      clear = fresh[i] if direction > 0 else False
+      return tuple(
+          write_leaf(b, jnp.where(clear, 0, read_leaf(b, source, size)),
+                     new_offset[i]) for b in bufs)
     return body
-
-  def zero_fresh(bufs, i, size):
-    return tuple(
-        write_leaf(b, jnp.where(fresh[i], 0, read_leaf(b, new_offset[i], size)),
-                   new_offset[i]) for b in bufs)
 
   buffers = for_each_leaf(buffers, sizes, move(-1))
   buffers = for_each_leaf(buffers, sizes, move(+1), reverse=True)
-  buffers = for_each_leaf(buffers, sizes, zero_fresh)
   return buffers[0] if single else buffers
 
 

@@ -113,30 +113,34 @@ class Unit(NamedTuple):
   restart: Optional[jax.Array] = None  # bool[] moments restart this step.
 
 
-def _split(vectors: Sequence[jax.Array]) -> list:
+def split_rows(vectors: Sequence[jax.Array]) -> list:
   """``[[v[i] for v in vectors] for i in range(n)]`` as separate buffers.
 
-  One variadic reduction over ``n`` masked copies of each vector: a single
-  kernel whose outputs are separate scalars (each the sum of one entry and
-  zeros, hence exact), instead of ``n`` slices that XLA would fuse into,
-  and so make distinct, every consumer's kernel.
+  The vectors (int32 or float32, bit-cast to int32) become the columns of
+  an ``[n, k]`` matrix, and one variadic reduction over ``n`` masked copies
+  of it yields row ``i`` as output ``i``: a single kernel whose outputs are
+  separate arrays (each the sum of one row and zeros, hence exact),
+  instead of ``n`` slices that XLA would fuse into, and so make distinct,
+  every consumer's kernel.
   """
   n = int(vectors[0].shape[0])
   if n == 0:
     return []
-  iota = jnp.arange(n)
-  operands, inits = [], []
-  for vector in vectors:
-    zero = jnp.zeros([], vector.dtype)
-    for i in range(n):
-      operands.append(jnp.where(iota == i, vector, zero))
-      inits.append(zero)
+  as_int = [v if v.dtype == jnp.int32 else
+            lax.bitcast_convert_type(v.astype(jnp.float32), jnp.int32)
+            for v in vectors]
+  matrix = jnp.stack(as_int, axis=1)  # int32[n, k]
+  iota = jnp.arange(n)[:, None]
+  operands = tuple(jnp.where(iota == i, matrix, 0) for i in range(n))
+  zeros = tuple(jnp.zeros([], jnp.int32) for _ in range(n))
 
   def add(xs, ys):
     return tuple(x + y for x, y in zip(xs, ys))
 
-  out = lax.reduce(tuple(operands), tuple(inits), add, (0,))
-  return [[out[k * n + i] for k in range(len(vectors))] for i in range(n)]
+  rows = lax.reduce(operands, zeros, add, (0,))
+  return [[row[k] if v.dtype == jnp.int32 else
+           lax.bitcast_convert_type(row[k], jnp.float32)
+           for k, v in enumerate(vectors)] for row in rows]
 
 
 def per_unit(offset: jax.Array, active: jax.Array, count: jax.Array,
@@ -163,14 +167,11 @@ def per_unit(offset: jax.Array, active: jax.Array, count: jax.Array,
   ints = [offset.astype(jnp.int32), active.astype(jnp.int32)]
   optional = [v for v in (flag, restart) if v is not None]
   ints += [v.astype(jnp.int32) for v in optional]
-  split_ints = _split(ints)
-  split_floats = _split([bias1, bias2])
   units = []
-  for ints_i, floats_i in zip(split_ints, split_floats):
-    extra = iter(ints_i[2:])
+  for row in split_rows([bias1, bias2] + ints):
+    extra = iter(row[4:])
     units.append(Unit(
-        offset=ints_i[0], active=ints_i[1] > 0, bias1=floats_i[0],
-        bias2=floats_i[1],
+        offset=row[2], active=row[3] > 0, bias1=row[0], bias2=row[1],
         flag=next(extra) > 0 if flag is not None else None,
         restart=next(extra) > 0 if restart is not None else None))
   return units

@@ -43,6 +43,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from blockllm_jax import _engine
 from blockllm_jax import _introspect
 from blockllm_jax import _layout
 
@@ -493,9 +494,12 @@ class LeanGradients:
       packed_seed = lax.with_sharding_constraint(
           packed_seed, NamedSharding(request.mesh.mesh,
                                      request.mesh.buffer_spec))
+    # Each slot's control arrives as an array of its own (not a slice of
+    # the matrix), so that same-shaped leaves share compiled kernels.
+    rows = _engine.split_rows([control[:, k] for k in range(_CONTROL)])
     packed_ct, norm_ct, param_cts = self._vjp_fn(
-        (jnp.ones_like(self._loss),
-         tuple(control[s] for s in range(num_slots)), packed_seed))
+        (jnp.ones_like(self._loss), tuple(jnp.stack(row) for row in rows),
+         packed_seed))
     return LeanResult(
         packed=packed_ct if packed is not None else None,
         norm_sq=norm_ct[index] if norms is not None else None,

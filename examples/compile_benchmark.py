@@ -120,9 +120,8 @@ def main():
   if "adamw" not in args.methods:
     args.methods = ["adamw", *args.methods]
   args.out.mkdir(parents=True, exist_ok=True)
-  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
-        f"jax {jax.__version__}, width {args.width}, batch {args.batch} x "
-        f"seq {args.seq}")
+  print(llama_common.device_banner(
+      f"width {args.width}, batch {args.batch} x seq {args.seq}"))
   rows = []
   jobs = [(n, m) for n in args.layers for m in args.methods]
   for layers, method in llama_common.tqdm(jobs, desc="compile"):
@@ -145,10 +144,9 @@ def main():
   slopes = [[m, f"{slope(rows, m):.3f}", f"{slope(rows, m) / base:.2f}"]
             for m in args.methods]
   llama_common.print_table(["method", "s per layer", "÷ adamw"], slopes)
-  markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  markdown += ["| " + " | ".join(row) + " |" for row in table]
-  markdown += ["", "| method | s per layer | ÷ adamw |", "|---|---|---|"]
-  markdown += ["| " + " | ".join(row) + " |" for row in slopes]
+  markdown = llama_common.markdown_table(header, table) + [""]
+  markdown += llama_common.markdown_table(["method", "s per layer", "÷ adamw"],
+                                          slopes)
   (args.out / "compile.md").write_text("\n".join(markdown) + "\n")
   plot(rows, args)
   print(f"wrote {args.out}/results.json, compile.md, compile.png")

@@ -178,9 +178,8 @@ def main():
     print(json.dumps(measure(args.single, args.sizes[0], args)))
     return
   args.out.mkdir(parents=True, exist_ok=True)
-  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
-        f"jax {jax.__version__}, batch {args.batch} x seq {args.seq}, "
-        f"activations {args.dtype}")
+  print(llama_common.device_banner(
+      f"batch {args.batch} x seq {args.seq}, activations {args.dtype}"))
   rows = []
   jobs = [(s, m) for s in args.sizes for m in args.methods]
   for size, method in llama_common.tqdm(jobs, desc="compile + time"):
@@ -207,9 +206,7 @@ def main():
                     f"{r['step_ms']:.1f}" if "step_ms" in r else "",
                     ratio("step_ms", "adamw"), mb(r.get("peak_bytes_in_use"))])
   llama_common.print_table(header, table)
-  markdown = ["| " + " | ".join(header) + " |",
-              "|" + "---|" * len(header)]
-  markdown += ["| " + " | ".join(row) + " |" for row in table]
+  markdown = llama_common.markdown_table(header, table)
   (args.out / "memory.md").write_text("\n".join(markdown) + "\n")
   plot(rows, args)
   print(f"wrote {args.out}/results.json, memory.md, memory.png")

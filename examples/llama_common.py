@@ -160,6 +160,20 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]):
       print("  ".join("-" * w for w in widths))
 
 
+def markdown_table(header: Sequence[str],
+                   rows: Sequence[Sequence[str]]) -> list:
+  """The lines of a Markdown table."""
+  return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+          + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def device_banner(details: str) -> str:
+  """One line naming the device and jax version, then ``details``."""
+  import jax
+  return (f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+          f"jax {jax.__version__}, {details}")
+
+
 def smooth(values: Sequence[float], window: int) -> np.ndarray:
   """Trailing moving average (shorter at the start)."""
   values = np.asarray(values, np.float64)
