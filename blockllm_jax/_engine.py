@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from blockllm_jax import _compact
 from blockllm_jax import _layout
 from blockllm_jax import _rounding
 from blockllm_jax import _validation
@@ -177,11 +178,6 @@ def per_unit(offset: jax.Array, active: jax.Array, count: jax.Array,
   return units
 
 
-def read_window(buffer: jax.Array, offset: jax.Array, size: int) -> jax.Array:
-  """The ``size`` entries of ``buffer`` from ``offset`` (clamped in range)."""
-  return lax.dynamic_slice(buffer, (offset,), (size,))
-
-
 def _moments(grad, mu, nu, settings: AdamSettings, restart=None):
   """Adam's moment update, elementwise; ``restart`` zeroes the old moments."""
   if restart is not None:
@@ -213,8 +209,8 @@ def update_unit_moments(mu: jax.Array, nu: jax.Array,
   for grad, unit in zip(grads, units, strict=True):
     flat = grad.reshape(-1).astype(mu.dtype)
     size = flat.shape[0]
-    old_mu = read_window(mu, unit.offset, size)
-    old_nu = read_window(nu, unit.offset, size)
+    old_mu = _compact.read_leaf(mu, unit.offset, size)
+    old_nu = _compact.read_leaf(nu, unit.offset, size)
     new_mu, new_nu = _moments(flat, old_mu, old_nu, settings, unit.restart)
     mu = lax.dynamic_update_slice(
         mu, jnp.where(unit.active, new_mu, old_mu).astype(mu.dtype),
@@ -291,8 +287,8 @@ def unit_updates(mu: jax.Array, nu: jax.Array, layout: _layout.LeafLayout,
   for i, unit in enumerate(units):
     shape, size = layout.shapes[i], layout.sizes[i]
     out_dtype = update_dtype(layout.dtypes[i])
-    direction = adam_direction(read_window(mu, unit.offset, size),
-                               read_window(nu, unit.offset, size), unit,
+    direction = adam_direction(_compact.read_leaf(mu, unit.offset, size),
+                               _compact.read_leaf(nu, unit.offset, size), unit,
                                settings)
     update = direction.reshape(shape).astype(out_dtype)
     if settings.use_weight_decay:
