@@ -262,9 +262,7 @@ def scale_by_blockllm(
                    global_capacity=None):
     """The update on one device's shards (all of the params without
     sharding); ``reduce`` sums across devices, selection uses whole-leaf
-    sizes and the global capacity."""
-    if value is None:
-      raise _engine.missing_loss_error("BlockLLM")
+    sizes and the global capacity. ``update_fn`` has checked ``value``."""
     _engine.require_params(settings, params)
     lean = isinstance(updates, (_lean.LeanGradients, _lean.PackedStep))
     tree = updates.params_like if lean else updates
