@@ -62,6 +62,17 @@ class _Selection(NamedTuple):
   nu: jax.Array  # moment_dtype[capacity]
 
 
+class _LeanPass(NamedTuple):
+  """The carry of a lean step's backward passes (one, or two to reselect)."""
+
+  passes: jax.Array  # int32[] backward passes run.
+  selected: jax.Array  # bool[L] the selection the last pass packed.
+  offset: jax.Array  # int32[L] its offsets in the (local) packed buffer.
+  packed: jax.Array  # moment_dtype[capacity] the last pass's packed gradient.
+  norms_finite: jax.Array  # bool[] the first pass's norms are finite.
+  do_select: jax.Array  # bool[] the step reselects.
+
+
 class _Decision(NamedTuple):
   """What a lean step decided on the global view (replicated on a mesh)."""
 
@@ -313,21 +324,13 @@ def scale_by_blockllm(
     leaf_count = selection.leaf_count + active.astype(jnp.int32)
     units = _engine.per_unit(selection.offset, active, leaf_count, settings)
     if lean:
-      # The packed gradient holds the selected leaves up to `used`; the
-      # tail of the buffers is left as it is.
-      used = jnp.sum(jnp.where(selection.selected,
-                               jnp.asarray(sizes, jnp.int32), 0))
-      mu, nu = _engine.update_moments(
-          selection.mu, selection.nu, packed,
-          (jnp.arange(capacity) < used) & finite, settings)
-    else:
-      mu, nu = _engine.update_unit_moments(selection.mu, selection.nu, grads,
-                                           units, settings)
+      # The packed gradient holds each selected leaf at its offset.
+      grads = _engine.packed_windows(packed, units, sizes)
     leaf_params = (layout.eligible_leaves(params)
                    if settings.use_weight_decay else None)
-    directions = _engine.unit_updates(
-        mu, nu, layout, units, settings, leaf_params,
-        finish=keep_top if use_topk else None)
+    mu, nu, directions = _engine.adam_units(
+        selection.mu, selection.nu, grads, units, layout, settings,
+        leaf_params, finish=keep_top if use_topk else None)
 
     step = finite.astype(jnp.int32)
     loss_window, loss_count = _loss_trigger.push_loss(
@@ -399,50 +402,76 @@ def scale_by_blockllm(
                      select_capacity, mesh_plan=None):
     """Tiers B/C: run the deferred backward pass for what this step uses.
 
-    One backward pass packs the selected leaves' gradients and, when the
-    loss triggers a reselection, also reduces every eligible leaf's gradient
-    to its norm. If the step does reselect, a branch recomputes the forward
-    and backward pass to pack the new selection's gradients (a backward
-    pass inside the branch on the first pass's activations would hold all
-    of them at once). The moments are not touched here: on a mesh this
-    runs on the global view, and the engine's update per device.
+    The backward pass runs once on most steps and twice on a step that
+    reselects: the first pass packs the selected leaves' gradients and,
+    when the loss triggers a reselection, also reduces every eligible
+    leaf's gradient to its norm; if the step does reselect, the second pass
+    packs the new selection's gradients. With compute-lean layers both
+    passes are one ``lax.while_loop`` on the forward pass's activations (a
+    loop reads them, it does not copy them), so the program holds the
+    model's backward pass once; with gradient-lean taps only, the second
+    pass recomputes the forward pass inside a ``lax.cond``. The moments
+    are not touched here: on a mesh this runs on the global view, and the
+    engine's update per device.
 
     Returns:
       A ``_lean.PackedStep`` (without ``params_like``): the packed gradient
       in the layout of the step's selection, that selection, whether it is
       new, and whether the step is finite.
     """
-    num_leaves = len(leaves)
     finite_loss = jnp.isfinite(loss)
     trigger = trigger_of(state, loss)
-    result = grads.backward(leaves, packed=state.selected,
-                            offset=state.offset,
-                            norms=jnp.full([num_leaves], trigger),
-                            mesh_plan=mesh_plan)
-    norms_finite = jnp.all(jnp.isfinite(result.norm_sq))
-    do_select = finite_loss & trigger & norms_finite
 
-    def select_and_pack(_):
-      chosen = choose(state.visit_count, jnp.sqrt(result.norm_sq), sizes,
-                      select_sizes, select_capacity)
-      packed = grads.recompute().backward(
-          leaves, packed=chosen[0], offset=chosen[1],
-          mesh_plan=mesh_plan).packed
-      return chosen, packed
+    def backward(carry: _LeanPass, source=grads) -> _LeanPass:
+      first = carry.passes == 0
+      result = source.backward(leaves, packed=carry.selected,
+                              offset=carry.offset,
+                              norms=jnp.full([len(leaves)], trigger & first),
+                              mesh_plan=mesh_plan)
+      norms_finite = jnp.all(jnp.isfinite(result.norm_sq))
+      do_select = first & finite_loss & trigger & norms_finite
+      chosen_selected, chosen_offset = choose(
+          state.visit_count, jnp.sqrt(result.norm_sq), sizes, select_sizes,
+          select_capacity)
+      return _LeanPass(
+          passes=carry.passes + 1,
+          selected=jnp.where(do_select, chosen_selected, carry.selected),
+          offset=jnp.where(do_select, chosen_offset, carry.offset),
+          packed=result.packed,
+          norms_finite=jnp.where(first, norms_finite, carry.norms_finite),
+          do_select=carry.do_select | do_select)
 
-    (selected, offset), packed = lax.cond(
-        do_select, select_and_pack,
-        lambda _: ((state.selected, state.offset), result.packed), None)
-    packed_finite = jnp.all(jnp.isfinite(packed))
+    def another_pass(carry: _LeanPass) -> jax.Array:
+      return (carry.passes == 0) | ((carry.passes == 1) & carry.do_select)
+
+    start = _LeanPass(
+        passes=jnp.zeros([], jnp.int32), selected=state.selected,
+        offset=state.offset,
+        packed=grads.zeros_packed(mesh_plan),
+        norms_finite=jnp.ones([], bool), do_select=jnp.zeros([], bool))
+    if grads.compute_lean:
+      done = lax.while_loop(another_pass, backward, start)
+    else:
+      # Gradient-lean taps only: inside a loop body XLA keeps every tapped
+      # leaf's gradient alive at once (measured: as much as the plain
+      # step), so the first pass runs outside, and a reselecting step
+      # recomputes the forward pass for its second backward pass.
+      done = backward(start)
+      done = lax.cond(
+          another_pass(done),
+          lambda carry: backward(carry, grads.recompute()),
+          lambda carry: carry, done)
+    packed_finite = jnp.all(jnp.isfinite(done.packed))
     # A new selection applies only if its gradients are finite (a skipped
     # step changes nothing). This data dependency also orders the moments'
     # repack after the backward pass, whose peak it would otherwise add its
-    # leaf-sized temporaries to.
+    # temporaries to.
     return _lean.PackedStep(
-        params_like=None, packed=packed, decision=_Decision(
-            finite=finite_loss & (norms_finite | ~trigger) & packed_finite,
-            do_select=do_select & packed_finite, selected=selected,
-            offset=offset))
+        params_like=None, packed=done.packed, decision=_Decision(
+            finite=finite_loss & (done.norms_finite | ~trigger)
+            & packed_finite,
+            do_select=done.do_select & packed_finite, selected=done.selected,
+            offset=done.offset))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -14,12 +14,10 @@ size of the leaf; for an unselected leaf we read and write back the same
 
 from __future__ import annotations
 
-import functools
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 
@@ -68,120 +66,88 @@ def packed_offsets(selected: jax.Array, sizes: jax.Array) -> jax.Array:
   return jnp.cumsum(used) - used
 
 
-@functools.lru_cache(maxsize=64)
-def repeated_run(sizes: tuple[int, ...]) -> tuple[int, int, int]:
-  """The longest stretch of ``sizes`` that repeats one pattern.
-
-  A model's leaves come layer after layer with the same shapes, so their
-  sizes repeat with the layer's period. Returns ``(start, period, repeats)``
-  such that ``sizes[start + k * period + j] == sizes[start + j]`` for
-  ``k < repeats``, chosen to leave the fewest leaves to unroll
-  (``len(sizes) - period * repeats + period``); ``repeats`` is 1 when no
-  pattern repeats.
-  """
-  num = len(sizes)
-  best = (num, (0, num, 1))  # (leaves to unroll, run)
-  values = np.asarray(sizes)
-  for period in range(1, num // 2 + 1):
-    same = values[period:] == values[:-period]  # same[i]: i matches i+period
-    # Longest run of consecutive matches: the stretch [i, i + run + period).
-    run_start, run, best_start, best_run = 0, 0, 0, 0
-    for i, match in enumerate(same):
-      if match:
-        if run == 0:
-          run_start = i
-        run += 1
-        if run > best_run:
-          best_start, best_run = run_start, run
-      else:
-        run = 0
-    repeats = (best_run + period) // period
-    if repeats >= 2:
-      unrolled = num - period * repeats + period
-      if unrolled < best[0]:
-        best = (unrolled, (best_start, period, repeats))
-  return best[1]
-
-
-def for_each_leaf(buffer, sizes: Sequence[int], body, reverse: bool = False):
-  """``buffer = body(buffer, i, sizes[i])`` for every leaf ``i`` in order.
-
-  ``buffer`` may be any pytree of arrays (e.g. a tuple of buffers).
-
-  ``body`` needs a static window size, so a loop over leaves is unrolled;
-  the stretch of leaves that repeats one pattern (the model's layers, see
-  :func:`repeated_run`) runs as a ``lax.fori_loop`` over the repeats with
-  one pattern unrolled in its body, ``i`` then traced. That keeps the
-  program, and its compile time, from growing with the depth of the model.
-  The loop carries the buffer, so XLA updates it in place.
-  """
-  sizes = tuple(int(s) for s in sizes)
-  start, period, repeats = repeated_run(sizes)
-  stop = start + period * repeats
-  pattern = range(period)
-
-  def one_repeat(k, buf):
-    if reverse:
-      k = repeats - 1 - k
-    base = start + k * period
-    for j in (reversed(pattern) if reverse else pattern):
-      buf = body(buf, base + j, sizes[start + j])
-    return buf
-
-  def unrolled(buf, leaves):
-    for i in (reversed(leaves) if reverse else leaves):
-      buf = body(buf, i, sizes[i])
-    return buf
-
-  parts = [lambda b: unrolled(b, range(start)),
-           lambda b: (lax.fori_loop(0, repeats, one_repeat, b) if repeats > 1
-                      else one_repeat(0, b)),
-           lambda b: unrolled(b, range(stop, len(sizes)))]
-  for part in (reversed(parts) if reverse else parts):
-    buffer = part(buffer)
-  return buffer
+# Coordinates a repack moves per loop iteration, by default a quarter of the
+# largest leaf (its index and value temporaries then stay below the leaf-sized
+# windows a step already works with) within these bounds: few iterations,
+# at most a few MB of temporaries.
+_MIN_CHUNK, _MAX_CHUNK = 1 << 10, 1 << 20
 
 
 def repack(buffers, sizes: Sequence[int], old_offset: jax.Array,
-           new_offset: jax.Array, kept: jax.Array, fresh: jax.Array):
+           new_offset: jax.Array, kept: jax.Array, fresh: jax.Array, *,
+           chunk: Optional[int] = None):
   """Moves kept leaves to their new offsets in place and zeroes fresh ones.
 
-  Both layouts keep selected leaves in ascending leaf order, so the move is a
-  memmove of ordered segments: leaves moving towards the start are moved in
-  ascending order, then leaves moving towards the end in descending order.
-  No segment is overwritten before it has been moved, and no second buffer
-  of ``capacity`` entries is needed. Several buffers of the same layout
-  (Adam's two moments) move together, in one pass over the leaves.
+  Both layouts keep selected leaves in ascending leaf order, so the move is
+  a memmove of ordered segments: positions whose leaf moves towards the
+  start are filled in ascending order, then positions whose leaf moves
+  towards the end in descending order. No value is overwritten before it
+  has been moved, and no second buffer of ``capacity`` entries is needed.
+
+  Each pass is one ``lax.fori_loop`` over fixed-size chunks of the buffer:
+  every position of a chunk finds its leaf in the new layout (a binary
+  search of the offsets), gathers its value from the old window, and the
+  chunk is written back in place. The program is the same for any number
+  of leaves (its compile time does not grow with the model's depth).
 
   Args:
-    buffers: a flat buffer, or a tuple of flat buffers of one layout.
-    sizes: static size of every leaf.
+    buffers: a flat buffer, or a tuple of flat buffers of one layout
+      (Adam's two moments move together).
+    sizes: size of every leaf (static).
     old_offset, new_offset: int32[L] offsets before and after.
     kept: bool[L], selected before and after (data to keep).
     fresh: bool[L], newly selected (moments restart at zero).
+    chunk: positions per loop iteration (default: a quarter of the largest
+      leaf, between 2**10 and 2**20).
 
   Returns:
     The repacked buffer(s), as passed.
   """
   single = not isinstance(buffers, (tuple, list))
   buffers = (buffers,) if single else tuple(buffers)
+  capacity = int(buffers[0].shape[0])
+  num_leaves = int(kept.shape[0])
+  if capacity == 0 or num_leaves == 0:
+    return buffers[0] if single else buffers
+  if chunk is None:
+    chunk = min(max(max(sizes) // 4, _MIN_CHUNK), _MAX_CHUNK)
+  chunk = max(1, min(int(chunk), capacity))
+  num_chunks = -(-capacity // chunk)
+  sizes = jnp.asarray(sizes, jnp.int32)
+  old_offset = old_offset.astype(jnp.int32)
+  new_offset = new_offset.astype(jnp.int32)
+  new_end = new_offset + jnp.where(kept | fresh, sizes, 0)
 
-  def move(direction):
-    def body(bufs, i, size):
-      moves = kept[i] & (direction * (new_offset[i] - old_offset[i]) > 0)
-      # A leaf that does not move reads and rewrites its own window: a no-op.
-      source = jnp.where(moves, old_offset[i], new_offset[i])
-      # Fresh leaves are zeroed in the second pass, in place: by then every
-      # leaf before them has left their new window, and every leaf after
-      # them is already in its own.
-      clear = fresh[i] if direction > 0 else False
+  def one_pass(direction: int):
+    moving = kept & (direction * (new_offset - old_offset) > 0)
+
+    def body(k, bufs):
+      if direction > 0:
+        k = num_chunks - 1 - k
+      position = k * chunk + jnp.arange(chunk, dtype=jnp.int32)
+      # The last leaf starting at or before the position; unselected
+      # leaves have empty windows, so `inside` rules them out.
+      leaf = jnp.clip(
+          jnp.searchsorted(new_offset, position, side="right") - 1, 0,
+          num_leaves - 1)
+      inside = position < new_end[leaf]
+      source = jnp.where(inside & moving[leaf],
+                         position - new_offset[leaf] + old_offset[leaf],
+                         position)
+      # Fresh leaves are zeroed in the second pass: by then every kept
+      # leaf before them has left their new window, and every kept leaf
+      # after them is already in its own.
+      clear = (inside & fresh[leaf]) if direction > 0 else False
+      # Positions past the end (last chunk) are read clamped and dropped.
       return tuple(
-          write_leaf(b, jnp.where(clear, 0, read_leaf(b, source, size)),
-                     new_offset[i]) for b in bufs)
+          b.at[position].set(
+              jnp.where(clear, 0, b.at[source].get(mode="clip")),
+              mode="drop") for b in bufs)
+
     return body
 
-  buffers = for_each_leaf(buffers, sizes, move(-1))
-  buffers = for_each_leaf(buffers, sizes, move(+1), reverse=True)
+  buffers = lax.fori_loop(0, num_chunks, one_pass(-1), buffers)
+  buffers = lax.fori_loop(0, num_chunks, one_pass(+1), buffers)
   return buffers[0] if single else buffers
 
 

@@ -434,6 +434,15 @@ class LeanGradients:
                         specs=tuple(specs), local_sizes=tuple(local_sizes),
                         local_capacity=self.capacity // devices)
 
+  def zeros_packed(self, mesh_plan: Any = None) -> jax.Array:
+    """A zero packed gradient (on a mesh, in the sharded buffer layout:
+    never whole on one device)."""
+    zeros = jnp.zeros([self.capacity], self.packed_dtype)
+    if mesh_plan is None:
+      return zeros
+    return lax.with_sharding_constraint(
+        zeros, NamedSharding(mesh_plan.mesh, mesh_plan.buffer_spec))
+
   def backward(self, leaves: Sequence[int], *,
                packed: Optional[jax.Array] = None,
                offset: Optional[jax.Array] = None,
@@ -489,11 +498,7 @@ class LeanGradients:
       control = control.at[index, 1].set(jnp.asarray(norms, jnp.float32))
     # The backward rules read `request` now, while this call traces them.
     self._sinks.request = request
-    packed_seed = jnp.zeros([self.capacity], self.packed_dtype)
-    if request.mesh is not None:  # never whole on one device
-      packed_seed = lax.with_sharding_constraint(
-          packed_seed, NamedSharding(request.mesh.mesh,
-                                     request.mesh.buffer_spec))
+    packed_seed = self.zeros_packed(mesh_plan)
     # Each slot's control arrives as an array of its own (not a slice of
     # the matrix), so that same-shaped leaves share compiled kernels.
     rows = _engine.split_rows([control[:, k] for k in range(_CONTROL)])

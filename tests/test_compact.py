@@ -66,7 +66,8 @@ def _numpy_repack_case(rng, sizes):
   return args, want, windows
 
 
-_repack = jax.jit(_compact.repack, static_argnums=1)
+_repack = jax.jit(_compact.repack, static_argnums=1,
+                  static_argnames="chunk")
 
 
 def _assert_repacked(got, want, windows):
@@ -83,31 +84,26 @@ def test_repack_moves_kept_leaves_and_zeroes_fresh_ones(seed):
   _assert_repacked(_repack(*args), want, windows)
 
 
-@pytest.mark.parametrize("sizes,run", [
-    ((5, 1, 2, 3, 1, 2, 3, 1, 2, 3, 9), (1, 3, 3)),  # prefix, 3 layers, suffix
-    ((4, 4, 4, 4), (0, 1, 4)),
-    ((1, 2, 3), (0, 3, 1)),  # nothing repeats
-    ((7, 2, 2, 7, 2, 2, 7), (0, 3, 2)),
-])
-def test_repeated_run_finds_the_layers(sizes, run):
-  assert _compact.repeated_run(sizes) == run
-  start, period, repeats = run
-  for k in range(repeats):
-    assert (sizes[start + k * period:start + (k + 1) * period]
-            == sizes[start:start + period])
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_repack_of_repeated_layers_runs_as_a_loop_and_matches_numpy(seed):
-  # Embedding-like prefix, 6 identical "layers", head-like suffix: the
-  # layers are repacked by a loop (the program does not grow with them).
+@pytest.mark.parametrize("chunk", [1, 3, 7, 16, 1000])
+@pytest.mark.parametrize("seed", range(3))
+def test_repack_in_chunks_matches_numpy(seed, chunk):
+  # Chunks that do not divide the capacity (a partial last chunk), chunks
+  # smaller than a leaf, and one chunk for the whole buffer.
   rng = np.random.default_rng(100 + seed)
-  layer = tuple(int(s) for s in rng.integers(1, 9, 4))
-  sizes = (11,) + layer * 6 + (13, 3)
-  assert _compact.repeated_run(sizes) == (1, 4, 6)
-  args, want, windows = _numpy_repack_case(rng, sizes)
-  _assert_repacked(_repack(*args), want, windows)
-  assert "while" in _repack.lower(*args).as_text()
+  args, want, windows = _numpy_repack_case(rng, rng.integers(1, 9, 20))
+  _assert_repacked(_repack(*args, chunk=chunk), want, windows)
+
+
+def test_repack_program_does_not_grow_with_the_leaves():
+  rng = np.random.default_rng(7)
+  lines = []
+  for num in (8, 64):
+    args, _, _ = _numpy_repack_case(rng, rng.integers(1, 9, num))
+    args = (jnp.zeros([64], jnp.float32),) + args[1:]
+    text = _repack.lower(*args, chunk=16).compile().as_text()
+    lines.append(len(text.splitlines()))
+  # 8x the leaves: the same loops (a binary search one step deeper).
+  assert lines[1] < 1.03 * lines[0], lines
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5, 1.0])
