@@ -174,8 +174,7 @@ def _reduce_gradient(sinks: _Sinks, slot: int, grad, control):
     packed_ct = _add_window(sinks, slot, None, grad, need_packed, offset)
   if request.want_norms:
     square = jnp.sum(jnp.square(grad.astype(jnp.float32)))
-    norm_ct = jnp.zeros([sinks.num_slots], jnp.float32).at[slot].set(
-        jnp.where(need_norm, square, 0.0))
+    norm_ct = jnp.where(need_norm, square, 0.0)
   return packed_ct, norm_ct
 
 
@@ -278,8 +277,7 @@ def _lean_dense_bwd(sinks, slot, param_dtype, precision, residual,
         lambda packed: (packed, jnp.zeros([], jnp.float32)), packed)
   norm_ct = None
   if request.want_norms:
-    norm_ct = jnp.zeros([sinks.num_slots], jnp.float32).at[slot].set(
-        jnp.where(need_norm, square, 0.0))
+    norm_ct = jnp.where(need_norm, square, 0.0)
   return input_grad, kernel_grad, packed, norm_ct
 
 
@@ -507,7 +505,8 @@ class LeanGradients:
          packed_seed))
     return LeanResult(
         packed=packed_ct if packed is not None else None,
-        norm_sq=norm_ct[index] if norms is not None else None,
+        norm_sq=(jnp.stack([norm_ct[slot] for slot in slots])
+                 if norms is not None else None),
         dense=[param_cts[slot] if d else None
                for slot, d in zip(slots, dense)])
 
@@ -621,7 +620,7 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
           tree_leaves[position] = slot_params[slot]
         else:
           tree_leaves[position], tokens[slot] = _tap(
-              sinks, slot, slot_params[slot], packed_sink, norm_sink)
+              sinks, slot, slot_params[slot], packed_sink, norm_sink[slot])
       slot_of_object = {id(tree_leaves[slot_leaves[s]]): s
                         for s in lean_slots}
 
@@ -630,7 +629,8 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
       def dense(module, inputs, kernel, slot):
         outputs, tokens[slot], chain[0] = _lean_dense(
             sinks, slot, flat[slot_leaves[slot]].dtype, module.precision,
-            inputs, jnp.asarray(kernel, inputs.dtype), chain[0], norm_sink)
+            inputs, jnp.asarray(kernel, inputs.dtype), chain[0],
+            norm_sink[slot])
         return outputs
 
       interceptor = _DenseInterceptor(slot_of_object, dense)
@@ -652,7 +652,10 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
 
     def linearize():
       packed_sink = jnp.zeros([sinks.capacity], sinks.packed_dtype)
-      norm_sink = jnp.zeros([num_slots], jnp.float32)
+      # One scalar per slot: its cotangent is the slot's squared norm, with
+      # no scatter into a shared vector (which would put the slot's index
+      # into, and so make distinct, every slot's kernel).
+      norm_sink = tuple(jnp.zeros([], jnp.float32) for _ in range(num_slots))
       slot_params = tuple(flat[p] for p in slot_leaves)
       (loss, _, _), vjp_fn, aux = jax.vjp(forward, packed_sink, norm_sink,
                                        slot_params, has_aux=True)
