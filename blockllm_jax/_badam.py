@@ -44,8 +44,8 @@ from blockllm_jax import _validation
 class ScaleByBAdamState(NamedTuple):
   """State of :func:`scale_by_badam` and :func:`scale_by_bread`; arrays only.
 
-  ``L`` is the number of leaves with a role (in a block, always active, or a
-  BREAD adapter), ``B`` the number of blocks, ``capacity`` the coordinates
+  ``L`` is the number of units with a role (in a block, always active, or a
+  BREAD adapter; a unit is a leaf, or one layer of a stacked leaf), ``B`` the number of blocks, ``capacity`` the coordinates
   of the always-active leaves plus those of the largest block period.
   """
 
@@ -58,9 +58,10 @@ class ScaleByBAdamState(NamedTuple):
   selected: jax.Array  # bool[L] leaves trained with Adam at the last step.
   corrected: jax.Array  # bool[L] leaves given an SGD correction then.
   offset: jax.Array  # int32[L] start of a selected leaf's moments in mu / nu.
-  leaf_index: jax.Array  # int32[L] flat position of the leaf in the params.
+  leaf_index: jax.Array  # int32[L] flat position of the unit's leaf.
   selection_count: jax.Array  # int32[] blocks activated (first included).
   skipped_count: jax.Array  # int32[] steps skipped for a non-finite value.
+  unit_layer: jax.Array  # int32[L] the unit's layer in a stacked leaf, or -1.
 
 
 _introspect.register_state_type(ScaleByBAdamState)
@@ -131,6 +132,7 @@ def _scale_by_block_adam(
     correction_scale: float = 1.0,
     scope: str = "all",
     param_sharding: Any = None,
+    layer_axis: _layout.LayerAxis = None,
 ) -> optax.GradientTransformationExtraArgs:
   """BAdam (``correction=None``) or BREAD: the block-schedule policy.
 
@@ -151,9 +153,11 @@ def _scale_by_block_adam(
   rule = _blocks.resolve_rule(blocks, layers_per_block, include_embedding,
                               include_head)
 
+  _layout.check_layer_axis_support(layer_axis, param_sharding)
+
   def partition_of(tree) -> _blocks.BlockPartition:
     return _blocks.build_partition(tree, rule, always_active,
-                                   _corrections.adapter_rule(fix))
+                                   _corrections.adapter_rule(fix), layer_axis)
 
   def layout_of(tree) -> _layout.LeafLayout:
     return partition_of(tree).layout
@@ -190,6 +194,8 @@ def _scale_by_block_adam(
                                jnp.int32).reshape(-1),
         selection_count=scalar(),
         skipped_count=scalar(),
+        unit_layer=jnp.asarray(partition.layout.unit_layer,
+                               jnp.int32).reshape(-1),
     ), plan)
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
@@ -271,6 +277,7 @@ def _scale_by_block_adam(
     if isinstance(updates, _lean.PackedStep):
       packed, grads = updates.packed, updates.dense
     elif lean:
+      _layout.require_unstacked_for_lean(layout)
       packed, grads = lean_backward(updates, partition, adam, offset)
     else:
       packed, grads = None, layout.eligible_leaves(updates)
@@ -314,6 +321,7 @@ def _scale_by_block_adam(
         selection_count=state.selection_count + (
             finite & schedule.switch).astype(jnp.int32),
         skipped_count=state.skipped_count + (1 - step),
+        unit_layer=state.unit_layer,
     )
     return layout.updates_tree(tree, leaf_updates), new_state
 
@@ -337,6 +345,7 @@ def scale_by_badam(
     weight_decay: float = 0.0,
     moment_dtype: Any = "float32",
     param_sharding: Any = None,
+    layer_axis: _layout.LayerAxis = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates with Adam on one block of layers at a time (BAdam).
 
@@ -394,6 +403,13 @@ def scale_by_badam(
       devices`` of the state; see :func:`blockllm_jax.state_sharding`).
       Works with the full gradient and with
       :func:`blockllm_jax.lean_value_and_grad`.
+    layer_axis: for models whose leaves stack their layers (``nn.scan``,
+      MaxText, Levanter): as in :func:`blockllm_jax.scale_by_blockllm`.
+      Layer ``i`` of every stacked leaf is then a unit, which the default
+      ``blocks`` rule puts in block ``i // layers_per_block`` (next to the
+      unstacked leaves whose path names layer ``i``); a custom rule sees it
+      as the leaf's path followed by ``LayerKey(i)``. Not yet with
+      ``param_sharding`` or :func:`blockllm_jax.lean_value_and_grad`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` accepts (and
@@ -417,7 +433,8 @@ def scale_by_badam(
       layers_per_block=layers_per_block, include_embedding=include_embedding,
       include_head=include_head, always_active=always_active, seed=seed,
       b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay,
-      moment_dtype=moment_dtype, param_sharding=param_sharding)
+      moment_dtype=moment_dtype, param_sharding=param_sharding,
+      layer_axis=layer_axis)
 
 
 def badam(
@@ -439,6 +456,7 @@ def badam(
     moment_dtype: Any = "float32",
     stochastic_rounding: bool = True,
     param_sharding: Any = None,
+    layer_axis: _layout.LayerAxis = None,
 ) -> optax.GradientTransformationExtraArgs:
   """BAdam optimizer: :func:`scale_by_badam`, the learning rate, rounding.
 
@@ -449,7 +467,7 @@ def badam(
     learning_rate: a float (>= 0) or an Optax schedule.
     switch_every, order, blocks, layers_per_block, include_embedding,
       include_head, always_active, seed, b1, b2, eps, eps_root,
-      weight_decay, moment_dtype, param_sharding: see
+      weight_decay, moment_dtype, param_sharding, layer_axis: see
       :func:`scale_by_badam`.
     stochastic_rounding: end with :func:`blockllm_jax.stochastic_rounding`
       (seeded with ``seed``), so that updates of bf16 / fp16 parameters are
@@ -474,5 +492,6 @@ def badam(
           include_embedding=include_embedding, include_head=include_head,
           always_active=always_active, seed=seed, b1=b1, b2=b2, eps=eps,
           eps_root=eps_root, weight_decay=weight_decay,
-          moment_dtype=moment_dtype, param_sharding=param_sharding),
+          moment_dtype=moment_dtype, param_sharding=param_sharding,
+          layer_axis=layer_axis),
       learning_rate, stochastic_rounding, seed)

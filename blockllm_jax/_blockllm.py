@@ -29,7 +29,8 @@ from blockllm_jax import _validation
 class ScaleByBlockLLMState(NamedTuple):
   """State of :func:`scale_by_blockllm`; arrays only (pickle/orbax-friendly).
 
-  ``L`` is the number of eligible leaves, ``capacity`` the number of
+  ``L`` is the number of units (eligible leaves, or with ``layer_axis``
+  each layer of an eligible stacked leaf), ``capacity`` the number of
   coordinates the compact moments can hold, ``patience`` the loss window.
   """
 
@@ -40,12 +41,13 @@ class ScaleByBlockLLMState(NamedTuple):
   offset: jax.Array  # int32[L] start of the leaf's moments in mu / nu.
   leaf_count: jax.Array  # int32[L] Adam steps since the leaf was selected.
   visit_count: jax.Array  # int32[L] selections that contained the leaf.
-  leaf_index: jax.Array  # int32[L] flat position of the leaf in the params.
+  leaf_index: jax.Array  # int32[L] flat position of the unit's leaf.
   loss_window: jax.Array  # float32[patience] ring buffer of finite losses.
   loss_count: jax.Array  # int32[] finite losses pushed (wrapped, see push).
   steps_since_selection: jax.Array  # int32[] steps with this selection.
   selection_count: jax.Array  # int32[] selections made (first included).
   skipped_count: jax.Array  # int32[] steps skipped for a non-finite value.
+  unit_layer: jax.Array  # int32[L] the unit's layer in a stacked leaf, or -1.
 
 
 _introspect.register_state_type(ScaleByBlockLLMState)
@@ -112,6 +114,7 @@ def scale_by_blockllm(
     eligible: _layout.Eligible = None,
     moment_dtype: Any = "float32",
     param_sharding: Any = None,
+    layer_axis: _layout.LayerAxis = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates with Adam on a selected subset of leaves (BlockLLM).
 
@@ -169,6 +172,16 @@ def scale_by_blockllm(
       gradient and with :func:`blockllm_jax.lean_value_and_grad` (each
       device then packs its own gradient shards); needs
       ``topk_fraction=1`` and a Python float ``sparsity``.
+    layer_axis: for models whose leaves stack their layers (``nn.scan``,
+      MaxText's ``scan_layers``, Levanter's ``Stacked``): ``None`` (no
+      stacking), an int (the axis of every leaf under a layer stack: a path
+      component named ``layers``, ``layer``, ``h``, ``blocks``, ``block`` or
+      ``stack``), a pytree like the params of ``int | None``, or a callable
+      ``(path, leaf) -> int | None``. Each layer's slice of a stacked leaf
+      is then a unit of its own: scored, counted against the budget and
+      given moments like an unstacked leaf, so a stacked model trains as the
+      same layers unstacked. Not yet with ``param_sharding`` or
+      :func:`blockllm_jax.lean_value_and_grad` (both raise).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs the
@@ -207,8 +220,10 @@ def scale_by_blockllm(
         "top-k of a leaf would need its whole direction on one device); "
         "use topk_fraction=1.0.")
 
+  _layout.check_layer_axis_support(layer_axis, param_sharding)
+
   def layout_of(tree):
-    return _layout.build_layout(tree, eligible)
+    return _layout.build_layout(tree, eligible, layer_axis)
 
   def init_fn(params):
     layout = layout_of(params)
@@ -241,6 +256,7 @@ def scale_by_blockllm(
         steps_since_selection=scalar(),
         selection_count=scalar(),
         skipped_count=scalar(),
+        unit_layer=jnp.asarray(layout.unit_layer, jnp.int32).reshape(-1),
     ), plan)
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
@@ -290,6 +306,7 @@ def scale_by_blockllm(
                            state.visit_count, state.mu, state.nu)
 
     if isinstance(updates, _lean.LeanGradients):
+      _layout.require_unstacked_for_lean(layout)
       updates = lean_gradients(updates, layout.eligible_index, state, loss,
                                sizes, select_sizes, select_capacity)
     if lean:
@@ -351,6 +368,7 @@ def scale_by_blockllm(
                                         state.steps_since_selection) + step,
         selection_count=state.selection_count + do_select.astype(jnp.int32),
         skipped_count=state.skipped_count + (1 - step),
+        unit_layer=state.unit_layer,
     )
     return layout.updates_tree(tree, directions), new_state
 
@@ -494,6 +512,7 @@ def blockllm(
     stochastic_rounding: bool = True,
     seed: int = 0,
     param_sharding: Any = None,
+    layer_axis: _layout.LayerAxis = None,
 ) -> optax.GradientTransformationExtraArgs:
   """BlockLLM optimizer: :func:`scale_by_blockllm`, the learning rate, rounding.
 
@@ -503,8 +522,8 @@ def blockllm(
   Args:
     learning_rate: a float (>= 0) or an Optax schedule.
     sparsity, patience, min_interval, stall_tolerance, b1, b2, eps, eps_root,
-      weight_decay, topk_fraction, eligible, moment_dtype, param_sharding:
-      see :func:`scale_by_blockllm`.
+      weight_decay, topk_fraction, eligible, moment_dtype, param_sharding,
+      layer_axis: see :func:`scale_by_blockllm`.
     stochastic_rounding: end with :func:`blockllm_jax.stochastic_rounding`
       (seeded with ``seed``), so that updates of bf16 / fp16 parameters,
       which come back in float32, are rounded stochastically instead of to
@@ -534,5 +553,6 @@ def blockllm(
           stall_tolerance=stall_tolerance, b1=b1, b2=b2, eps=eps,
           eps_root=eps_root, weight_decay=weight_decay,
           topk_fraction=topk_fraction, eligible=eligible,
-          moment_dtype=moment_dtype, param_sharding=param_sharding),
+          moment_dtype=moment_dtype, param_sharding=param_sharding,
+          layer_axis=layer_axis),
       learning_rate, stochastic_rounding, seed)

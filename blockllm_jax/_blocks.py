@@ -52,10 +52,15 @@ BLOCK, ALWAYS_ACTIVE, ADAPTER = 0, 1, 2
 def layer_index(path) -> Optional[int]:
   """The transformer-layer index named in ``path``, or None.
 
-  The first component that matches :data:`LAYER_PATTERN` (``layers_3``,
-  ``block3``, ``h_3``, ...) or an integer component right after a
-  ``layers`` / ``layer`` / ``h`` / ``blocks`` / ``block`` component gives it.
+  A :class:`~blockllm_jax._layout.LayerKey` (layer ``i`` of a stacked leaf,
+  see ``layer_axis``) gives it; otherwise the first component that matches
+  :data:`LAYER_PATTERN` (``layers_3``, ``block3``, ``h_3``, ...) or an
+  integer component right after a ``layers`` / ``layer`` / ``h`` /
+  ``blocks`` / ``block`` component.
   """
+  for key in path:
+    if isinstance(key, _layout.LayerKey):  # a layer of a stacked leaf
+      return int(key.idx)
   names = [_layout._key_name(k) for k in path]
   for i, name in enumerate(names):
     match = LAYER_PATTERN.match(name)
@@ -172,23 +177,28 @@ class BlockPartition(NamedTuple):
     return len(self.block_ids)
 
   def paths_of_block(self, pos: int) -> tuple:
-    return tuple(self.layout.paths[i]
-                 for i, r, p in zip(self.layout.eligible_index, self.role,
-                                    self.position) if r == BLOCK and p == pos)
+    """Paths of the block's units (``'a/kernel[3]'`` for a stacked layer)."""
+    return tuple(self.layout.unit_path(u)
+                 for u, (r, p) in enumerate(zip(self.role, self.position))
+                 if r == BLOCK and p == pos)
 
 
 def build_partition(tree, rule: BlockRule, always_active: LeafMask = None,
-                    adapters: Optional[Callable[[tuple], bool]] = None
-                    ) -> BlockPartition:
-  """Assigns every float leaf of ``tree`` a role and a block position.
+                    adapters: Optional[Callable[[tuple], bool]] = None,
+                    layer_axis: _layout.LayerAxis = None) -> BlockPartition:
+  """Assigns every float unit of ``tree`` a role and a block position.
 
   Args:
     tree: parameters, gradients or ``jax.ShapeDtypeStruct`` leaves.
-    rule: block rule ``(path, leaf) -> int | str | None``.
+    rule: block rule ``(path, leaf) -> int | str | None``; layer ``i`` of a
+      stacked leaf is asked as ``path + (LayerKey(i),)`` (the default
+      :func:`layer_blocks` puts it in block ``i // layers_per_block``).
     always_active: leaves trained at every step (predicate or bool pytree);
       they leave their block.
     adapters: predicate on the key path marking adapter leaves (BREAD's LoRA
       correction); they leave their block and remember its position.
+    layer_axis: how leaves stack layers (see
+      :func:`blockllm_jax._layout.resolve_layer_axes`).
 
   Returns:
     A :class:`BlockPartition` (may have no blocks; the caller checks).
@@ -196,10 +206,17 @@ def build_partition(tree, rule: BlockRule, always_active: LeafMask = None,
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
   always = _leaf_flags(always_active, "always_active", path_leaves, tree,
                        treedef)
+  every_float = jax.tree_util.tree_unflatten(
+      treedef, [True] * len(path_leaves))
+  units = _layout.build_layout(tree, every_float, layer_axis)
   kinds, ids = [], []
-  for (path, leaf), is_always in zip(path_leaves, always):
-    block_id = _check_block_id(rule(path, leaf), _layout.path_to_str(path))
-    if is_always:
+  for unit, position in enumerate(units.eligible_index):
+    path, leaf = path_leaves[position]
+    layer = units.unit_layer[unit]
+    if layer >= 0:
+      path = tuple(path) + (_layout.LayerKey(layer),)
+    block_id = _check_block_id(rule(path, leaf), units.unit_path(unit))
+    if always[position]:
       kinds.append(ALWAYS_ACTIVE)
     elif adapters is not None and adapters(path):
       kinds.append(ADAPTER)
@@ -208,22 +225,20 @@ def build_partition(tree, rule: BlockRule, always_active: LeafMask = None,
     else:
       kinds.append(None)
     ids.append(block_id)
-  has_role = jax.tree_util.tree_unflatten(treedef, [k is not None for k in kinds])
-  layout = _layout.build_layout(tree, has_role)
-  # Zero-size and non-float leaves drop out of the layout; keep the others.
-  kept = layout.eligible_index
-  block_ids = sorted({ids[i] for i in kept if kinds[i] == BLOCK},
+  kept = [u for u, kind in enumerate(kinds) if kind is not None]
+  layout = units.subset(kept)
+  block_ids = sorted({ids[u] for u in kept if kinds[u] == BLOCK},
                      key=_natural_key)
   position_of = {block_id: pos for pos, block_id in enumerate(block_ids)}
   role, position = [], []
-  for i in kept:
-    role.append(kinds[i])
-    if kinds[i] == ALWAYS_ACTIVE:
+  for u in kept:
+    role.append(kinds[u])
+    if kinds[u] == ALWAYS_ACTIVE:
       position.append(-1)
-    elif kinds[i] == ADAPTER:
-      position.append(position_of.get(ids[i], len(block_ids)))
+    elif kinds[u] == ADAPTER:
+      position.append(position_of.get(ids[u], len(block_ids)))
     else:
-      position.append(position_of[ids[i]])
+      position.append(position_of[ids[u]])
   return BlockPartition(layout=layout, block_ids=tuple(block_ids),
                         role=tuple(role), position=tuple(position))
 
@@ -232,17 +247,19 @@ def block_partition(params, blocks: Optional[BlockRule] = None, *,
                     layers_per_block: Optional[int] = None,
                     include_embedding: bool = False,
                     include_head: bool = False,
-                    always_active: LeafMask = None) -> tuple:
+                    always_active: LeafMask = None,
+                    layer_axis: _layout.LayerAxis = None) -> tuple:
   """How BAdam / BREAD split ``params`` into blocks, in ascending order.
 
   Args:
     params: the parameter tree (arrays or ``jax.ShapeDtypeStruct``).
     blocks, layers_per_block, include_embedding, include_head,
-      always_active: as in :func:`blockllm_jax.badam`.
+      always_active, layer_axis: as in :func:`blockllm_jax.badam`.
 
   Returns:
     A tuple of ``(block_id, paths)`` pairs, one per block position, with the
-    ``'a/b/kernel'`` paths of its leaves; ``block_id`` of the active block is
+    ``'a/b/kernel'`` paths of its leaves (``'a/b/kernel[3]'`` for layer 3 of
+    a stacked leaf); ``block_id`` of the active block is
     ``result[int(blockllm_jax.active_block(state))][0]``.
 
   Example:
@@ -251,7 +268,8 @@ def block_partition(params, blocks: Optional[BlockRule] = None, *,
   """
   rule = resolve_rule(blocks, layers_per_block, include_embedding,
                       include_head)
-  partition = build_partition(params, rule, always_active)
+  partition = build_partition(params, rule, always_active,
+                              layer_axis=layer_axis)
   return tuple((block_id, partition.paths_of_block(pos))
                for pos, block_id in enumerate(partition.block_ids))
 

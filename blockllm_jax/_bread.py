@@ -30,6 +30,7 @@ import optax
 from blockllm_jax import _badam
 from blockllm_jax import _blocks
 from blockllm_jax import _engine
+from blockllm_jax import _layout
 
 
 def scale_by_bread(
@@ -52,6 +53,7 @@ def scale_by_bread(
     weight_decay: float = 0.0,
     moment_dtype: Any = "float32",
     param_sharding: Any = None,
+    layer_axis: _layout.LayerAxis = None,
 ) -> optax.GradientTransformationExtraArgs:
   """BAdam's directions plus a correction of the inactive blocks (BREAD).
 
@@ -82,7 +84,7 @@ def scale_by_bread(
       the active one in ascending order (between it and the output).
     switch_every, order, blocks, layers_per_block, include_embedding,
       include_head, always_active, seed, b1, b2, eps, eps_root,
-      weight_decay, moment_dtype, param_sharding: see
+      weight_decay, moment_dtype, param_sharding, layer_axis: see
       :func:`blockllm_jax.scale_by_badam`.
 
   Returns:
@@ -106,7 +108,7 @@ def scale_by_bread(
       b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay,
       moment_dtype=moment_dtype, correction=correction,
       correction_scale=correction_scale, scope=scope,
-      param_sharding=param_sharding)
+      param_sharding=param_sharding, layer_axis=layer_axis)
 
 
 def bread(
@@ -131,6 +133,7 @@ def bread(
     moment_dtype: Any = "float32",
     stochastic_rounding: bool = True,
     param_sharding: Any = None,
+    layer_axis: _layout.LayerAxis = None,
 ) -> optax.GradientTransformationExtraArgs:
   """BREAD optimizer: :func:`scale_by_bread`, the learning rate, rounding.
 
@@ -149,7 +152,7 @@ def bread(
     correction, correction_scale, scope, switch_every, order, blocks,
       layers_per_block, include_embedding, include_head, always_active,
       seed, b1, b2, eps, eps_root, weight_decay, moment_dtype,
-      param_sharding: see :func:`scale_by_bread` and
+      param_sharding, layer_axis: see :func:`scale_by_bread` and
       :func:`blockllm_jax.scale_by_badam`.
     stochastic_rounding: end with :func:`blockllm_jax.stochastic_rounding`
       (no effect on float32 parameters).
@@ -173,5 +176,6 @@ def bread(
           include_embedding=include_embedding, include_head=include_head,
           always_active=always_active, seed=seed, b1=b1, b2=b2, eps=eps,
           eps_root=eps_root, weight_decay=weight_decay,
-          moment_dtype=moment_dtype, param_sharding=param_sharding),
+          moment_dtype=moment_dtype, param_sharding=param_sharding,
+          layer_axis=layer_axis),
       learning_rate, stochastic_rounding, seed)

@@ -11,13 +11,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _STATE_TYPES: list = []
 
 
 def register_state_type(state_type) -> None:
-  """Makes a state class findable; it needs ``selected``, ``leaf_index`` and
-  ``selection_count`` fields."""
+  """Makes a state class findable; it needs ``selected``, ``leaf_index``,
+  ``unit_layer`` and ``selection_count`` fields."""
   _STATE_TYPES.append(state_type)
 
 
@@ -38,7 +39,7 @@ def find_state(opt_state):
 
 
 def selected(state, params) -> Any:
-  """Which leaves are currently selected.
+  """Which leaves (or layers of stacked leaves) are currently selected.
 
   Args:
     state: the optimizer state (or a chain / wrapper state containing it).
@@ -46,9 +47,12 @@ def selected(state, params) -> Any:
       was initialised for.
 
   Returns:
-    A pytree like ``params`` with a bool scalar array per leaf: True iff the
-    leaf is in the current selection (always False for ineligible leaves and
-    before the first update).
+    A pytree like ``params``: a bool scalar array per leaf, True iff the
+    leaf is in the current selection (always False for ineligible leaves
+    and before the first update); for a leaf that stacks layers
+    (``layer_axis``), a bool array of shape ``(layers,)``, one per layer.
+    Inside ``jit`` (a traced state) a stacked leaf gives one bool: any of
+    its layers.
 
   Example:
     >>> mask = blockllm_jax.selected(opt_state, params)
@@ -56,6 +60,23 @@ def selected(state, params) -> Any:
   """
   inner = find_state(state)
   leaves, treedef = jax.tree_util.tree_flatten(params)
+  try:
+    index = np.asarray(inner.leaf_index)
+    layer = np.asarray(inner.unit_layer)
+  except jax.errors.TracerArrayConversionError:
+    index = layer = None
+  if index is not None and (layer >= 0).any():
+    num_layers = int(layer.max()) + 1
+    out = []
+    for position in range(len(leaves)):
+      units = np.flatnonzero(index == position)
+      if units.size and (layer[units] >= 0).all():
+        out.append(jnp.zeros([num_layers], bool).at[layer[units]].set(
+            inner.selected[units]))
+      else:
+        out.append(jnp.any(inner.selected[units]) if units.size
+                   else jnp.zeros([], bool))
+    return jax.tree_util.tree_unflatten(treedef, out)
   positions = jnp.arange(len(leaves), dtype=jnp.int32)
   # One bool per param leaf: does any selected eligible entry point at it?
   hits = (inner.leaf_index[None, :] == positions[:, None]) & inner.selected

@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 # Path components that name embeddings or output heads: LLaMA/HF
 # (``embed_tokens``, ``lm_head``), GPT-2 (``wte``, ``wpe``), T5 (``shared``),
@@ -55,16 +56,31 @@ def is_float_leaf(leaf) -> bool:
   return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
 
 
+class LayerKey(jax.tree_util.SequenceKey):
+  """The key that names one layer of a stacked leaf in a unit's path.
+
+  Block rules (``badam(blocks=...)``) see a stacked leaf's layer ``i`` as
+  the leaf's path followed by ``LayerKey(i)``.
+  """
+
+
 class LeafLayout(NamedTuple):
-  """Static layout of a parameter tree (Python values, not arrays).
+  """Static layout of a parameter tree in *units* (Python values).
+
+  A unit is an eligible leaf, or one layer's slice of an eligible leaf that
+  stacks layers along an axis (``layer_axis``). Optimizers score, select
+  and keep moments per unit.
 
   Attributes:
     treedef: structure of the tree.
     paths: ``'a/b/kernel'`` string of every leaf, in flattening order.
-    eligible_index: flat position of each eligible leaf, ascending.
-    shapes: shape of each eligible leaf.
-    dtypes: dtype of each eligible leaf.
-    sizes: number of coordinates of each eligible leaf.
+    eligible_index: flat position of each unit's leaf, ascending (the units
+      of a stacked leaf are consecutive, in layer order).
+    shapes: shape of each unit (a stacked leaf's shape without its axis).
+    dtypes: dtype of each unit.
+    sizes: number of coordinates of each unit.
+    unit_layer: each unit's layer in its stacked leaf, or -1 (unstacked).
+    layer_axes: per leaf (flattening order), its layer axis or None.
   """
 
   treedef: Any
@@ -73,6 +89,8 @@ class LeafLayout(NamedTuple):
   shapes: tuple
   dtypes: tuple
   sizes: tuple
+  unit_layer: tuple = ()
+  layer_axes: tuple = ()
 
   @property
   def num_eligible(self) -> int:
@@ -82,18 +100,146 @@ class LeafLayout(NamedTuple):
   def num_candidate_coordinates(self) -> int:
     return int(sum(self.sizes))
 
+  @property
+  def stacked(self) -> bool:
+    """Whether any unit is one layer of a stacked leaf."""
+    return any(layer >= 0 for layer in self.unit_layer)
+
+  def unit_path(self, unit: int) -> str:
+    """``'a/b/kernel'``, or ``'a/b/kernel[3]'`` for layer 3 of a stack."""
+    path = self.paths[self.eligible_index[unit]]
+    layer = self.unit_layer[unit] if self.unit_layer else -1
+    return path if layer < 0 else f"{path}[{layer}]"
+
   def eligible_leaves(self, tree) -> list:
-    """The eligible leaves of ``tree`` (same structure), in layout order."""
+    """Each unit's part of ``tree`` (same structure), in layout order: the
+    leaf, or its layer's slice (a static slice XLA fuses into its users)."""
     flat = self.treedef.flatten_up_to(tree)
-    return [flat[i] for i in self.eligible_index]
+    out = []
+    for unit, position in enumerate(self.eligible_index):
+      layer = self.unit_layer[unit] if self.unit_layer else -1
+      leaf = flat[position]
+      if layer >= 0:
+        leaf = lax.index_in_dim(leaf, layer, self.layer_axes[position],
+                                keepdims=False)
+      out.append(leaf)
+    return out
 
   def updates_tree(self, tree, eligible_updates):
-    """``tree``'s structure with ``eligible_updates`` at the eligible leaves
-    and zeros (like ``tree``'s leaves) everywhere else."""
-    flat = [jnp.zeros_like(leaf) for leaf in self.treedef.flatten_up_to(tree)]
-    for i, update in zip(self.eligible_index, eligible_updates, strict=True):
-      flat[i] = update
-    return self.treedef.unflatten(flat)
+    """``tree``'s structure with ``eligible_updates`` (one per unit) at the
+    eligible leaves and zeros (like ``tree``'s leaves) everywhere else; a
+    stacked leaf's units are stacked back along its axis (layers without a
+    unit get zeros)."""
+    flat = self.treedef.flatten_up_to(tree)
+    out = [None] * len(flat)
+    layers: dict = {}
+    for unit, (position, update) in enumerate(
+        zip(self.eligible_index, eligible_updates, strict=True)):
+      layer = self.unit_layer[unit] if self.unit_layer else -1
+      if layer < 0:
+        out[position] = update
+      else:
+        layers.setdefault(position, {})[layer] = update
+    for position, by_layer in layers.items():
+      axis = self.layer_axes[position]
+      like = flat[position]
+      num = like.shape[axis]
+      dtype = next(iter(by_layer.values())).dtype
+      slice_shape = tuple(d for i, d in enumerate(like.shape) if i != axis)
+      out[position] = jnp.stack(
+          [by_layer.get(i, jnp.zeros(slice_shape, dtype)) for i in range(num)],
+          axis=axis)
+    out = [jnp.zeros_like(leaf) if update is None else update
+           for leaf, update in zip(flat, out)]
+    return self.treedef.unflatten(out)
+
+  def subset(self, units) -> "LeafLayout":
+    """The layout of the listed units only (ascending positions)."""
+    units = list(units)
+    pick = lambda values: tuple(values[u] for u in units)
+    return self._replace(
+        eligible_index=pick(self.eligible_index), shapes=pick(self.shapes),
+        dtypes=pick(self.dtypes), sizes=pick(self.sizes),
+        unit_layer=pick(self.unit_layer))
+
+
+# How a leaf stacks layers: None, an axis for every leaf under a layer stack,
+# a pytree of axes, or a rule ``(path, leaf) -> axis | None``.
+LayerAxis = Union[None, int, Callable[[tuple, Any], Any], Any]
+
+# A path component that names a stack of layers (``nn.scan`` over a module
+# named ``layers``; MaxText's ``decoder/layers``; Levanter's ``layers``).
+LAYER_STACK_PATTERN = re.compile(r"^(?:layers?|h|blocks?|stack)$",
+                                 re.IGNORECASE)
+
+
+def _under_layer_stack(path) -> bool:
+  return any(LAYER_STACK_PATTERN.match(_key_name(k)) for k in path)
+
+
+def resolve_layer_axes(tree, layer_axis: LayerAxis) -> tuple:
+  """One layer axis (non-negative int) or None per leaf of ``tree``.
+
+  Args:
+    tree: parameters, gradients or ``jax.ShapeDtypeStruct`` leaves.
+    layer_axis: ``None`` (nothing stacked); an int, for every float leaf
+      with a path component named like a layer stack (``layers``,
+      ``layer``, ``h``, ``blocks``, ``block``, ``stack``); a pytree like
+      ``tree`` of ``int | None``; or a callable ``(path, leaf) -> int |
+      None``.
+
+  Raises:
+    ValueError: naming ``layer_axis``: an axis out of range, stacked leaves
+      that disagree on the number of layers, a mask that does not match the
+      tree, or an int that matches no leaf.
+  """
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  if layer_axis is None:
+    return (None,) * len(path_leaves)
+  if isinstance(layer_axis, (bool, np.bool_)):
+    raise ValueError(
+        f"`layer_axis` must be None, an int, a pytree of `int | None` or a "
+        f"callable; got {layer_axis!r}.")
+  if isinstance(layer_axis, (int, np.integer)):
+    axes = [int(layer_axis) if is_float_leaf(leaf) and _under_layer_stack(p)
+            else None for p, leaf in path_leaves]
+    if not any(a is not None for a in axes):
+      raise ValueError(
+          f"`layer_axis={layer_axis}` applies to leaves under a layer stack "
+          "(a path component named `layers`, `layer`, `h`, `blocks`, "
+          "`block` or `stack`), and this tree has none; pass a pytree of "
+          "axes or a callable `(path, leaf) -> int | None`.")
+  elif callable(layer_axis):
+    axes = [layer_axis(p, leaf) for p, leaf in path_leaves]
+  else:
+    try:
+      axes = treedef.flatten_up_to(layer_axis)
+    except (ValueError, TypeError) as err:
+      raise ValueError(
+          "`layer_axis` must be None, an int, a callable, or a pytree of "
+          f"`int | None` with the parameters' structure: {err}") from None
+  resolved, counts = [], {}
+  for (path, leaf), axis in zip(path_leaves, axes):
+    if axis is None or not is_float_leaf(leaf):
+      resolved.append(None)
+      continue
+    name = path_to_str(path)
+    ndim = len(leaf.shape)
+    if (isinstance(axis, (bool, np.bool_))
+        or not isinstance(axis, (int, np.integer))
+        or not -ndim <= int(axis) < ndim):
+      raise ValueError(
+          f"`layer_axis` for {name!r} (shape {tuple(leaf.shape)}) must be an "
+          f"int in [{-ndim}, {ndim}) or None; got {axis!r}.")
+    axis = int(axis) % ndim
+    counts[name] = int(leaf.shape[axis])
+    resolved.append(axis)
+  if len(set(counts.values())) > 1:
+    listed = ", ".join(f"{k}: {v}" for k, v in list(counts.items())[:6])
+    raise ValueError(
+        "`layer_axis`: stacked leaves disagree on the number of layers "
+        f"({listed}); every stacked leaf must hold the same layers.")
+  return tuple(resolved)
 
 
 def _mask_leaves(eligible, tree, treedef, name: str = "eligible") -> list:
@@ -109,7 +255,27 @@ def _mask_leaves(eligible, tree, treedef, name: str = "eligible") -> list:
   return [bool(m) for m in mask_leaves]
 
 
-def build_layout(tree, eligible: Eligible = None) -> LeafLayout:
+def check_layer_axis_support(layer_axis: LayerAxis, param_sharding) -> None:
+  """Stacked units are not yet supported on a mesh (construction time)."""
+  if layer_axis is not None and param_sharding is not None:
+    raise ValueError(
+        "`layer_axis` (stacked layers) is not supported with "
+        "`param_sharding` yet: a device would hold parts of several layers' "
+        "units. Pass `layer_axis=None` (each stacked leaf is then one unit) "
+        "or train without `param_sharding`.")
+
+
+def require_unstacked_for_lean(layout: LeafLayout) -> None:
+  """Lean steps pack whole leaves; stacked units are not taken yet."""
+  if layout.stacked:
+    raise ValueError(
+        "`layer_axis`: `lean_value_and_grad` does not yet pack the layers of "
+        "a stacked leaf as separate units; use `jax.value_and_grad` with "
+        "this optimizer, or `layer_axis=None`.")
+
+
+def build_layout(tree, eligible: Eligible = None,
+                 layer_axis: LayerAxis = None) -> LeafLayout:
   """Computes the static layout of ``tree`` under the ``eligible`` rule.
 
   Args:
@@ -117,6 +283,8 @@ def build_layout(tree, eligible: Eligible = None) -> LeafLayout:
     eligible: ``None`` (default rule, see :func:`default_eligible`), a
       predicate ``(path, leaf) -> bool``, or a pytree of bools shaped like
       ``tree``. Non-float leaves are never eligible.
+    layer_axis: how leaves stack layers (:func:`resolve_layer_axes`); an
+      eligible stacked leaf gives one unit per layer.
 
   Returns:
     A :class:`LeafLayout`.
@@ -128,10 +296,17 @@ def build_layout(tree, eligible: Eligible = None) -> LeafLayout:
     allowed = [bool(predicate(p, leaf)) for p, leaf in path_leaves]
   else:
     allowed = _mask_leaves(eligible, tree, treedef)
-  eligible_index, shapes, dtypes, sizes = [], [], [], []
+  layer_axes = resolve_layer_axes(tree, layer_axis)
+  eligible_index, shapes, dtypes, sizes, unit_layer = [], [], [], [], []
   for i, ((_, leaf), ok) in enumerate(zip(path_leaves, allowed)):
     if ok and is_float_leaf(leaf):
-      size = int(np.prod(leaf.shape, dtype=np.int64))
+      axis = layer_axes[i]
+      shape = tuple(leaf.shape)
+      layers = [-1]
+      if axis is not None:
+        layers = list(range(shape[axis]))
+        shape = shape[:axis] + shape[axis + 1:]
+      size = int(np.prod(shape, dtype=np.int64))
       if size == 0:
         continue
       if size > _INT32_MAX:
@@ -139,10 +314,12 @@ def build_layout(tree, eligible: Eligible = None) -> LeafLayout:
             f"Leaf {paths[i]!r} has {size} coordinates; at most {_INT32_MAX} "
             "per leaf are supported (int32 offsets)."
         )
-      eligible_index.append(i)
-      shapes.append(tuple(leaf.shape))
-      dtypes.append(jnp.dtype(leaf.dtype))
-      sizes.append(size)
+      for layer in layers:
+        eligible_index.append(i)
+        shapes.append(shape)
+        dtypes.append(jnp.dtype(leaf.dtype))
+        sizes.append(size)
+        unit_layer.append(layer)
   return LeafLayout(
       treedef=treedef,
       paths=paths,
@@ -150,6 +327,8 @@ def build_layout(tree, eligible: Eligible = None) -> LeafLayout:
       shapes=tuple(shapes),
       dtypes=tuple(dtypes),
       sizes=tuple(sizes),
+      unit_layer=tuple(unit_layer),
+      layer_axes=layer_axes,
   )
 
 
