@@ -294,14 +294,18 @@ def _scale_by_block_adam(
     units = _engine.per_unit(offset, adam & finite, count, settings,
                              flag=corrected & finite,
                              restart=schedule.switch & ~is_always)
-    # Adam's gradients: each leaf's window of the packed gradient (lean),
-    # or the leaves themselves.
-    adam_grads = (grads if packed is None else
-                  _engine.packed_windows(packed, units, layout.sizes))
+    if packed is None:
+      mu, nu = _engine.update_unit_moments(state.mu, state.nu, grads, units,
+                                           settings)
+    else:
+      restart = schedule.switch & (jnp.arange(plan.capacity)
+                                   >= plan.always_total)
+      mu, nu = _engine.update_moments(state.mu, state.nu, packed, finite,
+                                      settings, restart=restart)
     leaf_params = (layout.eligible_leaves(params)
                    if settings.use_weight_decay else None)
-    mu, nu, leaf_updates = _engine.adam_units(
-        state.mu, state.nu, adam_grads, units, layout, settings, leaf_params)
+    leaf_updates = _engine.unit_updates(mu, nu, layout, units, settings,
+                                        leaf_params)
     leaf_updates = _corrections.correct(leaf_updates, grads, role, units,
                                         fix)
 

@@ -341,13 +341,21 @@ def scale_by_blockllm(
     leaf_count = selection.leaf_count + active.astype(jnp.int32)
     units = _engine.per_unit(selection.offset, active, leaf_count, settings)
     if lean:
-      # The packed gradient holds each selected leaf at its offset.
-      grads = _engine.packed_windows(packed, units, sizes)
+      # The packed gradient holds the selected leaves up to `used`; the
+      # tail of the buffers is left as it is.
+      used = jnp.sum(jnp.where(selection.selected,
+                               jnp.asarray(sizes, jnp.int32), 0))
+      mu, nu = _engine.update_moments(
+          selection.mu, selection.nu, packed,
+          (jnp.arange(capacity) < used) & finite, settings)
+    else:
+      mu, nu = _engine.update_unit_moments(selection.mu, selection.nu, grads,
+                                           units, settings)
     leaf_params = (layout.eligible_leaves(params)
                    if settings.use_weight_decay else None)
-    mu, nu, directions = _engine.adam_units(
-        selection.mu, selection.nu, grads, units, layout, settings,
-        leaf_params, finish=keep_top if use_topk else None)
+    directions = _engine.unit_updates(
+        mu, nu, layout, units, settings, leaf_params,
+        finish=keep_top if use_topk else None)
 
     step = finite.astype(jnp.int32)
     loss_window, loss_count = _loss_trigger.push_loss(

@@ -4,13 +4,14 @@ The three optimizers differ only in *which* parameter units (leaves) are
 trained in a step; a selection policy (:mod:`blockllm_jax._blockllm`,
 :mod:`blockllm_jax._badam`) decides that, and this engine does the rest:
 
-:func:`adam_units` updates each active unit's windows of the two flat
-moment buffers in place, straight from its gradient (no packed copy of the
-gradients exists; the lean taps of :mod:`blockllm_jax._lean` hand over the
-gradients already packed, read by :func:`packed_windows`), and computes
-its bias-corrected direction from the new moments in the same pass (zero
-for inactive units), finished by the policy (weight decay, top-k, a
-correction).
+1. the moments: :func:`update_unit_moments` updates each active unit's
+   windows of the two flat moment buffers in place, straight from its
+   gradient (no packed copy of the gradients exists); with the lean taps
+   of :mod:`blockllm_jax._lean`, which hand over the gradients already
+   packed, :func:`update_moments` updates the whole buffer at once;
+2. :func:`unit_updates`: each unit's bias-corrected direction is read back
+   from its window of the moments (zero for inactive units), then finished
+   by the policy (weight decay, top-k, a correction).
 
 There is no ``lax.cond`` per unit. What the program costs to compile is set
 by the number of *distinct* kernels, and XLA reuses one compiled kernel for
@@ -186,6 +187,40 @@ def _moments(grad, mu, nu, settings: AdamSettings, restart=None):
           (1 - settings.b2) * (grad**2) + settings.b2 * nu)
 
 
+def update_unit_moments(mu: jax.Array, nu: jax.Array,
+                        grads: Sequence[jax.Array], units: Sequence[Unit],
+                        settings: AdamSettings):
+  """Adam's moment update straight from each unit's gradient, in place.
+
+  Each active unit's windows of ``mu`` / ``nu`` are read, updated with its
+  gradient and written back; an inactive unit (or a skipped step) writes
+  back what it read, so no shape depends on the data. No packed copy of
+  the gradients is ever made.
+
+  Args:
+    mu, nu: the moment buffers.
+    grads: each unit's gradient.
+    units: each unit's scalars (:func:`per_unit`; ``restart`` honoured).
+    settings: the Adam hyperparameters.
+
+  Returns:
+    ``(mu, nu)``.
+  """
+  for grad, unit in zip(grads, units, strict=True):
+    flat = grad.reshape(-1).astype(mu.dtype)
+    size = flat.shape[0]
+    old_mu = _compact.read_leaf(mu, unit.offset, size)
+    old_nu = _compact.read_leaf(nu, unit.offset, size)
+    new_mu, new_nu = _moments(flat, old_mu, old_nu, settings, unit.restart)
+    mu = lax.dynamic_update_slice(
+        mu, jnp.where(unit.active, new_mu, old_mu).astype(mu.dtype),
+        (unit.offset,))
+    nu = lax.dynamic_update_slice(
+        nu, jnp.where(unit.active, new_nu, old_nu).astype(nu.dtype),
+        (unit.offset,))
+  return mu, nu
+
+
 def finite_flags(grads: Sequence[jax.Array]) -> jax.Array:
   """bool[L]: each gradient is finite.
 
@@ -198,6 +233,29 @@ def finite_flags(grads: Sequence[jax.Array]) -> jax.Array:
     return jnp.zeros([0], bool)
   return jnp.isfinite(jnp.stack(
       [jnp.max(jnp.abs(grad)).astype(jnp.float32) for grad in grads]))
+
+
+def update_moments(mu: jax.Array, nu: jax.Array, packed: jax.Array,
+                   apply: jax.Array, settings: AdamSettings,
+                   restart: Optional[jax.Array] = None):
+  """Adam's moment update of the whole buffer from a packed gradient (the
+  lean taps' output), in place.
+
+  Args:
+    mu, nu: the moment buffers.
+    packed: the packed gradient (moment dtype, same layout).
+    apply: bool[] or bool[capacity]: where the moments change (a skipped
+      step changes nothing).
+    settings: the Adam hyperparameters.
+    restart: optional bool[capacity]: coordinates whose moments restart
+      from zero in this step.
+
+  Returns:
+    ``(mu, nu)``.
+  """
+  new_mu, new_nu = _moments(packed, mu, nu, settings, restart)
+  return (jnp.where(apply, new_mu, mu).astype(mu.dtype),
+          jnp.where(apply, new_nu, nu).astype(nu.dtype))
 
 
 def adam_direction(mu: jax.Array, nu: jax.Array, unit: Unit,
@@ -214,73 +272,38 @@ def adam_direction(mu: jax.Array, nu: jax.Array, unit: Unit,
 Finish = Callable[[int, Unit, jax.Array], jax.Array]
 
 
-def packed_windows(packed: jax.Array, units: Sequence[Unit],
-                   sizes: Sequence[int]) -> list:
-  """Each unit's window of a packed gradient (the lean taps' output), as the
-  gradients :func:`adam_units` takes (an inactive unit's window is read
-  but never used)."""
-  return [_compact.read_leaf(packed, unit.offset, size)
-          for unit, size in zip(units, sizes, strict=True)]
-
-
-def adam_units(mu: jax.Array, nu: jax.Array, grads: Sequence[jax.Array],
-               units: Sequence[Unit], layout: _layout.LeafLayout,
-               settings: AdamSettings,
-               params: Optional[Sequence[Any]] = None,
-               finish: Optional[Finish] = None):
-  """Adam on every active unit, in place in the packed moments.
-
-  For each unit: its windows of ``mu`` / ``nu`` are read, updated from its
-  gradient and written back (an inactive unit, or a skipped step, writes
-  back what it read, so no shape depends on the data); then each unit's
-  bias-corrected direction is read back from its new windows, and weight
-  decay and the policy's ``finish`` are applied.
-  No packed copy of the gradients is made.
+def unit_updates(mu: jax.Array, nu: jax.Array, layout: _layout.LeafLayout,
+                 units: Sequence[Unit], settings: AdamSettings,
+                 params: Optional[Sequence[Any]] = None,
+                 finish: Optional[Finish] = None) -> list:
+  """Each unit's update: its Adam direction if active, else exactly zero.
 
   Args:
-    mu, nu: the moment buffers.
-    grads: each unit's gradient (any shape with the unit's size), e.g. the
-      leaves of the gradient tree or :func:`packed_windows`.
-    units: each unit's scalars (:func:`per_unit`; ``restart`` honoured).
+    mu, nu: the updated moment buffers.
     layout: the units' static shapes, sizes and dtypes.
+    units: the step's per-unit scalars.
     settings: the Adam hyperparameters (weight decay is added here).
     params: each unit's parameter (needed with weight decay).
     finish: optional ``(i, unit, update) -> update`` of the policy, applied
       after weight decay and before inactive units are zeroed.
 
   Returns:
-    ``(mu, nu, updates)``: the updated buffers, and per unit its update in
-    :func:`update_dtype` (exactly zero for inactive units).
+    A list of updates, each in :func:`update_dtype` of its unit.
   """
-  for grad, unit, size in zip(grads, units, layout.sizes, strict=True):
-    old_mu = _compact.read_leaf(mu, unit.offset, size)
-    old_nu = _compact.read_leaf(nu, unit.offset, size)
-    new_mu, new_nu = _moments(grad.reshape(-1).astype(mu.dtype), old_mu,
-                              old_nu, settings, unit.restart)
-    mu = lax.dynamic_update_slice(
-        mu, jnp.where(unit.active, new_mu, old_mu).astype(mu.dtype),
-        (unit.offset,))
-    nu = lax.dynamic_update_slice(
-        nu, jnp.where(unit.active, new_nu, old_nu).astype(nu.dtype),
-        (unit.offset,))
-  # Directions are read back from the updated buffers once every window is
-  # written: computing each from its new moments in the same pass makes
-  # XLA hold every new window next to the buffers (measured: +20% step
-  # temporaries on a small bf16 model).
   updates = []
   for i, unit in enumerate(units):
     shape, size = layout.shapes[i], layout.sizes[i]
     out_dtype = update_dtype(layout.dtypes[i])
-    update = adam_direction(_compact.read_leaf(mu, unit.offset, size),
-                            _compact.read_leaf(nu, unit.offset, size), unit,
-                            settings)
-    update = update.reshape(shape).astype(out_dtype)
+    direction = adam_direction(_compact.read_leaf(mu, unit.offset, size),
+                               _compact.read_leaf(nu, unit.offset, size), unit,
+                               settings)
+    update = direction.reshape(shape).astype(out_dtype)
     if settings.use_weight_decay:
       update = update + settings.weight_decay * params[i].astype(out_dtype)
     if finish is not None:
       update = finish(i, unit, update)
     updates.append(jnp.where(unit.active, update, jnp.zeros(shape, out_dtype)))
-  return mu, nu, updates
+  return updates
 
 
 def with_learning_rate(scale_by: optax.GradientTransformationExtraArgs,

@@ -178,8 +178,8 @@ def test_custom_rule_orders_ints_then_natural_strings():
 def _state_overhead_bytes(num_blocks, num_leaves):
   # count, active_block, selection_count, skipped_count: int32[]; key:
   # uint32[2]; permutation: int32[B]; selected, corrected: bool[L];
-  # offset, leaf_index: int32[L].
-  return 4 * 4 + 8 + 4 * num_blocks + 2 * num_leaves + 8 * num_leaves
+  # offset, leaf_index, unit_layer: int32[L].
+  return 4 * 4 + 8 + 4 * num_blocks + 2 * num_leaves + 12 * num_leaves
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
