@@ -24,6 +24,7 @@ from blockllm_jax._lean import LeanGradients
 from blockllm_jax._lean import LeanResult
 from blockllm_jax._layout import DEFAULT_INELIGIBLE_PATTERN
 from blockllm_jax._layout import default_eligible
+from blockllm_jax._layout import LayerKey
 from blockllm_jax._memory import compiled_memory
 from blockllm_jax._memory import CompiledMemory
 from blockllm_jax._memory import state_bytes
@@ -47,6 +48,7 @@ __all__ = (
     "fsdp_sharding",
     "DEFAULT_INELIGIBLE_PATTERN",
     "layer_blocks",
+    "LayerKey",
     "lean_value_and_grad",
     "LeanGradients",
     "LeanResult",

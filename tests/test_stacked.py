@@ -195,6 +195,22 @@ def test_badam_blocks_of_a_stacked_model_are_its_layers():
                           "layers/up/kernel[2]")
 
 
+def test_a_custom_block_rule_sees_the_layer_as_a_layer_key():
+  params = stack(unstacked_params(jax.random.PRNGKey(0)), 0)
+  seen = []
+
+  def pairs(path, leaf):  # two layers per block, by the LayerKey
+    del leaf
+    layer = [k.idx for k in path if isinstance(k, bl.LayerKey)]
+    seen.append(layer)
+    return layer[0] // 2 if layer else None
+
+  blocks = bl.block_partition(params, pairs, layer_axis=0)
+  assert [b for b, _ in blocks] == [0, 1]
+  assert len(blocks[1][1]) == 2 * 3  # layers 2 and 3 of three stacks
+  assert [0] in seen and [LAYERS - 1] in seen
+
+
 @pytest.mark.parametrize("layer_axis,match", [
     (3, r"layer_axis.*layers/down/kernel.*\[-3, 3\)"),
     (lambda path, leaf: 0 if leaf.ndim > 1 else None,
