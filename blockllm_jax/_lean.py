@@ -306,6 +306,8 @@ class _DenseInterceptor:
     self.dense = dense
     self.trace_state = jex_core.get_opaque_trace_state(convention="flax")
     self.calls: dict = {}
+    # Dense calls not taken over: module path -> why (for the warning).
+    self.passed_over: dict = {}
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
@@ -319,6 +321,11 @@ class _DenseInterceptor:
     same_trace = (jex_core.get_opaque_trace_state(convention="flax")
                   == self.trace_state)
     if slot is None or not same_trace:
+      where = "/".join(str(p) for p in (module.scope.path if module.scope
+                                         else ()))
+      self.passed_over[where or type(module).__name__] = (
+          "inside a transformed function (nn.scan, nn.remat, vmap, ...)"
+          if not same_trace else "its kernel is not a parameter leaf")
       return next_fun(*args, **kwargs)
     self.calls[slot] = self.calls.get(slot, 0) + 1
     bias = (module.get_variable("params", "bias") if module.use_bias
@@ -517,8 +524,8 @@ def _warn_fallback(reasons: dict):
                        sorted(reasons.items())[:6])
     more = f" (and {len(reasons) - 6} more)" if len(reasons) > 6 else ""
     warnings.warn(
-        "compute_lean: these leaves fall back to the gradient-lean path "
-        f"(their weight gradient is computed every step): {listed}{more}.",
+        "compute_lean: these Dense layers fall back to the gradient-lean "
+        f"path (their weight gradient is computed every step): {listed}{more}.",
         stacklevel=4)
 
 
@@ -674,10 +681,11 @@ def _plan_compute_lean(call_loss, flat, treedef, slot_leaves, paths):
   """Which leaves only ever feed one plain ``nn.Dense`` call (by tracing).
 
   Returns ``(lean_slots, reasons)``: ``reasons`` maps the path of every
-  Dense kernel that cannot be taken over to why.
+  Dense kernel (or, for a call inside ``nn.scan`` / ``nn.remat``, the Dense
+  module) that cannot be taken over to why.
   """
   num_slots = len(slot_leaves)
-  recorded = {}
+  recorded, passed_over = {}, {}
 
   def probe(slot_params, kernels):
     tree_leaves = list(flat)
@@ -694,6 +702,7 @@ def _plan_compute_lean(call_loss, flat, treedef, slot_leaves, paths):
     with nn.intercept_methods(interceptor):
       loss, _ = call_loss(treedef.unflatten(tree_leaves))
     recorded.update(interceptor.calls)
+    passed_over.update(interceptor.passed_over)
     return loss
 
   slot_params = tuple(flat[p] for p in slot_leaves)
@@ -703,7 +712,7 @@ def _plan_compute_lean(call_loss, flat, treedef, slot_leaves, paths):
   for eqn in jaxpr.eqns:
     used.update(v for v in eqn.invars if not isinstance(v, jex_core.Literal))
   used.update(v for v in jaxpr.outvars if not isinstance(v, jex_core.Literal))
-  lean, reasons = set(), {}
+  lean, reasons = set(), dict(passed_over)
   for slot, count in recorded.items():
     path = paths[slot_leaves[slot]]
     if count > 1:

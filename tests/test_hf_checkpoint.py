@@ -291,3 +291,22 @@ def test_export_rejects_params_not_matching_settings(tmp_path):
                        params)
   with pytest.raises(ValueError, match="max_shard_size"):
     save_hf_checkpoint(tmp_path, settings, params, max_shard_size="lots")
+
+
+def test_scanned_model_round_trip(tmp_path):
+  """A scanned model exports one tensor per layer (transformers reads it)
+  and imports back into either layout."""
+  from blockllm_jax.models import stack_layers
+  from blockllm_jax.models import unstack_layers
+  settings, params = _our_model()
+  scanned = dataclasses.replace(settings, scan_layers=True)
+  save_hf_checkpoint(tmp_path, scanned, stack_layers(params))
+  hf = transformers.LlamaForCausalLM.from_pretrained(
+      tmp_path, attn_implementation="eager").eval()
+  assert _max_diff(_hf_logits(hf), _logits(settings, params)) < 1e-4
+  loaded_settings, loaded = load_hf_checkpoint(tmp_path, scan_layers=True)
+  assert loaded_settings == scanned
+  assert _max_diff(_hf_logits(hf), _logits(loaded_settings, loaded)) < 1e-4
+  for a, b in zip(jax.tree.leaves(unstack_layers(loaded)),
+                  jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)

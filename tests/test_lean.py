@@ -219,7 +219,9 @@ def test_fallback_warns_and_stays_exact():
   message = str(record[0].message)
   assert "shared/kernel: used by 2 Dense calls" in message
   assert "plain/kernel: also used outside its Dense call" in message
-  assert "clean" not in message and "remat" not in message
+  # A Dense inside nn.remat runs in another trace: named, not silent.
+  assert "remat: inside a transformed function" in message
+  assert "clean" not in message
   lean_step_fn = jax.jit(lean)
   plain = jax.jit(plain_step(tx, loss_fn))
   want_params, want_state = params, tx.init(params)
@@ -229,6 +231,27 @@ def test_fallback_warns_and_stays_exact():
     got_params, got_state = lean_step_fn(got_params, got_state, x)
   for g, w in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout,where", [
+    (dict(scan_layers=True), "model/layers/mlp/up_proj"),
+    (dict(remat=True), "model/layers_0/mlp/down_proj"),
+])
+def test_dense_inside_scan_or_remat_is_named_in_a_warning(layout, where):
+  import dataclasses
+  model = LlamaForCausalLM(dataclasses.replace(TINY_LLAMA, **layout))
+  params = model.init(jax.random.PRNGKey(0), batch_at(0))["params"]
+  tx = bl.blockllm(1e-3)
+  grad_fn = bl.lean_value_and_grad(loss_of(model))
+
+  def step(params, state, tokens):
+    loss, grads = grad_fn(params, state, tokens)
+    return tx.update(grads, state, params, value=loss)
+
+  with pytest.warns(UserWarning, match="fall back") as record:
+    jax.eval_shape(step, params, tx.init(params), batch_at(0))
+  message = str(record[0].message)
+  assert f"{where}: inside a transformed function" in message
 
 
 def test_lean_step_compiles_once_across_reselections():

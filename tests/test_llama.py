@@ -224,3 +224,69 @@ def test_add_lora_around_existing_weights():
   with pytest.raises(ValueError, match="already"):
     add_lora(settings, wrapped, 4, jax.random.PRNGKey(0))
   assert merge_lora(base_settings, params) == (base_settings, params)
+
+
+# --- scanned layers and rematerialisation --------------------------------------
+
+from blockllm_jax.models import stack_layers  # noqa: E402
+from blockllm_jax.models import unstack_layers  # noqa: E402
+
+
+@pytest.mark.parametrize("layout", [
+    dict(scan_layers=True),
+    dict(remat=True),
+    dict(remat=True, remat_policy="dots_saveable"),
+    dict(scan_layers=True, remat=True),
+])
+def test_scanned_and_rematerialised_model_equals_the_unrolled_one(layout):
+  """Same logits and gradients as the plain unrolled model, from the same
+  parameters (stacked for scan)."""
+  settings = LlamaSettings(**TINY, lora_rank=2)
+  model, params = _init(settings)
+  params = _random_b(params)
+  variant = LlamaForCausalLM(dataclasses.replace(settings, **layout))
+  theirs = stack_layers(params) if layout.get("scan_layers") else params
+  if layout.get("scan_layers"):
+    got_params = variant.init(jax.random.PRNGKey(0), TOKENS)["params"]
+    assert jax.tree.structure(got_params) == jax.tree.structure(theirs)
+    kernel = got_params["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.shape == (TINY["num_hidden_layers"], TINY["hidden_size"],
+                            TINY["intermediate_size"])
+  loss = lambda m: lambda p: jnp.mean(m.apply({"params": p}, TOKENS) ** 2)
+  want, want_grads = jax.value_and_grad(loss(model))(params)
+  got, got_grads = jax.value_and_grad(loss(variant))(theirs)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  if layout.get("scan_layers"):
+    got_grads = unstack_layers(got_grads)
+  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_stack_and_unstack_layers_invert_each_other():
+  _, params = _init(LlamaSettings(**TINY))
+  again = unstack_layers(stack_layers(params))
+  assert jax.tree.structure(again) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="layers_2"):
+    stack_layers(params, num_layers=3)
+
+
+def test_lora_on_a_scanned_model_is_stacked():
+  settings = LlamaSettings(**TINY, scan_layers=True)
+  _, params = _init(settings)
+  settings, params = add_lora(settings, params, 3, jax.random.PRNGKey(2))
+  q_proj = params["model"]["layers"]["self_attn"]["q_proj"]
+  assert q_proj["lora_a"].shape == (2, 32, 3)
+  assert q_proj["lora_b"].shape == (2, 3, 32)
+  assert settings.scan_layers and settings.lora_rank == 3
+  logits = LlamaForCausalLM(settings).apply({"params": params}, TOKENS)
+  merged_settings, merged = merge_lora(settings, params)
+  np.testing.assert_allclose(
+      LlamaForCausalLM(merged_settings).apply({"params": merged}, TOKENS),
+      logits, rtol=1e-5, atol=1e-5)
+
+
+def test_remat_policy_is_checked():
+  with pytest.raises(ValueError, match="remat_policy"):
+    LlamaSettings(**TINY, remat=True, remat_policy="everything")

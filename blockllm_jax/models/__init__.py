@@ -14,11 +14,15 @@ from blockllm_jax.models.llama import Llama3RopeScaling
 from blockllm_jax.models.llama import LlamaForCausalLM
 from blockllm_jax.models.llama import LlamaSettings
 from blockllm_jax.models.llama import causal_lm_loss
+from blockllm_jax.models.llama import REMAT_POLICIES
 from blockllm_jax.models.llama import rope_frequencies
+from blockllm_jax.models.llama import stack_layers
+from blockllm_jax.models.llama import unstack_layers
 
 __all__ = (
     "LORA_TARGETS", "Llama3RopeScaling", "LlamaForCausalLM", "LlamaSettings",
     "add_lora", "causal_lm_loss", "hf_config_dict", "is_lora_path",
     "load_hf_checkpoint", "lora_mask", "merge_lora", "rope_frequencies",
-    "save_hf_checkpoint", "settings_from_hf_config",
+    "save_hf_checkpoint", "settings_from_hf_config", "REMAT_POLICIES",
+    "stack_layers", "unstack_layers",
 )

@@ -22,6 +22,7 @@ References:
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import json
 import math
 import re
@@ -38,6 +39,8 @@ from blockllm_jax.models._lora import merge_lora
 from blockllm_jax.models.llama import LORA_TARGETS
 from blockllm_jax.models.llama import Llama3RopeScaling
 from blockllm_jax.models.llama import LlamaSettings
+from blockllm_jax.models.llama import stack_layers
+from blockllm_jax.models.llama import unstack_layers
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -255,7 +258,8 @@ def _weight_files(folder: Path) -> dict:
 def load_hf_checkpoint(path: Union[str, Path], dtype: Any = None, *,
                        lora_rank: int = 0, lora_alpha: float = 16.0,
                        lora_targets=LORA_TARGETS,
-                       rng: Optional[jax.Array] = None):
+                       rng: Optional[jax.Array] = None,
+                       scan_layers: bool = False):
   """Reads an HF LLaMA checkpoint folder into Flax parameters.
 
   Args:
@@ -267,6 +271,8 @@ def load_hf_checkpoint(path: Union[str, Path], dtype: Any = None, *,
     lora_alpha: LoRA scale numerator.
     lora_targets: projections that get adapters.
     rng: PRNG key for the adapters; required when ``lora_rank > 0``.
+    scan_layers: return the scanned layout (``settings.scan_layers`` set,
+      layers stacked on a leading axis; see :func:`stack_layers`).
 
   Returns:
     ``(settings, params)`` for :class:`LlamaForCausalLM`.
@@ -309,6 +315,9 @@ def load_hf_checkpoint(path: Union[str, Path], dtype: Any = None, *,
           tensor = tensor.astype(np.dtype(dtype))
         flat[flax_path] = jnp.asarray(tensor)
   params = traverse_util.unflatten_dict(flat)
+  if scan_layers:
+    settings = dataclasses.replace(settings, scan_layers=True)
+    params = stack_layers(params, settings.num_hidden_layers)
   if lora_rank:
     if rng is None:
       raise ValueError("rng is required to initialise LoRA adapters.")
@@ -343,7 +352,8 @@ def save_hf_checkpoint(path: Union[str, Path], settings: LlamaSettings, params,
   Args:
     path: output folder (created).
     settings: the model's settings.
-    params: the model's parameters.
+    params: the model's parameters (either layout: a scanned model's layers
+      are written one tensor per layer, as HF stores them).
     max_shard_size: None writes one ``model.safetensors``; otherwise bytes
       (int, or ``"5GB"``-style string) per ``model-0000k-of-0000n.safetensors``
       shard, listed in ``model.safetensors.index.json``. A tensor larger than
@@ -359,6 +369,9 @@ def save_hf_checkpoint(path: Union[str, Path], settings: LlamaSettings, params,
   """
   from safetensors.numpy import save_file
   settings, params = merge_lora(settings, params)
+  if settings.scan_layers:  # HF checkpoints hold one tensor per layer
+    settings = dataclasses.replace(settings, scan_layers=False)
+    params = unstack_layers(params)
   flat = traverse_util.flatten_dict(params)
   layout = _layout(settings)
   expected = {p: (name, shape) for name, (p, shape, _) in layout.items()}

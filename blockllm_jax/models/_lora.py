@@ -30,6 +30,8 @@ from flax import traverse_util
 from blockllm_jax.models.llama import LORA_A_INIT
 from blockllm_jax.models.llama import LORA_TARGETS
 from blockllm_jax.models.llama import LlamaSettings
+from blockllm_jax.models.llama import stack_layers
+from blockllm_jax.models.llama import unstack_layers
 
 _ADAPTERS = ("lora_a", "lora_b")
 
@@ -90,6 +92,12 @@ def add_lora(settings: LlamaSettings, params, rank: int, rng: jax.Array, *,
                      f"{settings.lora_rank}); merge_lora first.")
   if rank <= 0:
     raise ValueError(f"rank must be positive, got {rank}.")
+  if settings.scan_layers:  # adapters per layer, then stacked like the rest
+    settings, params = add_lora(
+        dataclasses.replace(settings, scan_layers=False),
+        unstack_layers(params), rank, rng, alpha=alpha, targets=targets)
+    return (dataclasses.replace(settings, scan_layers=True),
+            stack_layers(params, settings.num_hidden_layers))
   settings = dataclasses.replace(settings, lora_rank=rank, lora_alpha=alpha,
                                  lora_targets=tuple(targets))
   flat = traverse_util.flatten_dict(params)

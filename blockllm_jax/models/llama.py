@@ -32,6 +32,12 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                 "down_proj")
 
 
+# What a rematerialised decoder layer may keep for its backward pass (names
+# of `jax.checkpoint_policies`).
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable", "everything_saveable")
+
+
 @dataclasses.dataclass(frozen=True)
 class Llama3RopeScaling:
   """Llama 3.1/3.2 rotary frequency scaling (HF ``rope_type: "llama3"``).
@@ -57,7 +63,17 @@ class LlamaSettings:
   ``lora_targets`` (see ``LORA_TARGETS``; ``"lm_head"`` is also allowed when
   untied) gets adapters ``lora_a`` ``(in, r)`` and ``lora_b`` ``(r, out)``
   next to its kernel and computes ``x @ W + (lora_alpha / r) * x @ A @ B``.
-  The LoRA fields are not part of HF configs.
+  The LoRA fields are not part of HF configs, nor are the layout fields:
+  ``scan_layers=True`` runs the decoder layers under ``nn.scan`` with their
+  parameters stacked on a leading axis (``model/layers/...``, shape
+  ``(num_hidden_layers, ...)``: compile time flat in depth; train it with
+  ``layer_axis=0`` on the optimizers); ``remat=True`` rematerialises each
+  decoder layer in the backward pass, saving what ``remat_policy`` names
+  (a ``jax.checkpoint_policies`` name: ``"nothing_saveable"``, the
+  default, recomputes everything; ``"dots_saveable"`` /
+  ``"dots_with_no_batch_dims_saveable"`` keep matmul outputs).
+  :func:`stack_layers` / :func:`unstack_layers` convert parameters between
+  the two layouts.
   """
 
   vocab_size: int = 260
@@ -75,6 +91,9 @@ class LlamaSettings:
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = LORA_TARGETS
+  scan_layers: bool = False
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
 
   def __post_init__(self):
     # Frozen: fields are normalised through object.__setattr__.
@@ -101,6 +120,9 @@ class LlamaSettings:
                        f"{self.rope_scaling!r}.")
     if self.lora_rank < 0:
       raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}.")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got "
+                       f"{self.remat_policy!r}.")
     allowed = LORA_TARGETS + (() if self.tie_word_embeddings else ("lm_head",))
     unknown = [t for t in self.lora_targets if t not in allowed]
     if unknown:
@@ -286,6 +308,9 @@ class MLP(_LlamaPart):
 
 
 class DecoderLayer(_LlamaPart):
+  """One decoder layer; under ``nn.scan`` it returns ``(x, None)``."""
+
+  scanned: bool = False
 
   @nn.compact
   def __call__(self, x, positions):
@@ -293,7 +318,23 @@ class DecoderLayer(_LlamaPart):
     h = RMSNorm(s.rms_norm_eps, self.param_dtype, name="input_layernorm")(x)
     x = x + Attention(s, self.dtype, self.param_dtype, name="self_attn")(h, positions)
     h = RMSNorm(s.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x)
-    return x + MLP(s, self.dtype, self.param_dtype, name="mlp")(h)
+    x = x + MLP(s, self.dtype, self.param_dtype, name="mlp")(h)
+    return (x, None) if self.scanned else x
+
+
+def _layer_class(s: LlamaSettings):
+  """DecoderLayer, rematerialised and/or scanned as ``s`` asks."""
+  layer = DecoderLayer
+  if s.remat:
+    # Under scan, CSE cannot merge the recomputation into the forward pass
+    # anyway; outside it, prevent_cse keeps the rematerialisation.
+    layer = nn.remat(layer, prevent_cse=not s.scan_layers,
+                     policy=getattr(jax.checkpoint_policies, s.remat_policy))
+  if s.scan_layers:
+    layer = nn.scan(layer, variable_axes={"params": 0},
+                    split_rngs={"params": True}, in_axes=(nn.broadcast,),
+                    length=s.num_hidden_layers)
+  return layer
 
 
 class LlamaModel(_LlamaPart):
@@ -306,8 +347,13 @@ class LlamaModel(_LlamaPart):
                      embedding_init=nn.initializers.normal(0.02),
                      name="embed_tokens")
     x = embed(tokens)
-    for i in range(s.num_hidden_layers):
-      x = DecoderLayer(s, self.dtype, self.param_dtype, name=f"layers_{i}")(x, positions)
+    layer = _layer_class(s)
+    if s.scan_layers:
+      x, _ = layer(s, self.dtype, self.param_dtype, scanned=True,
+                   name="layers")(x, positions)
+    else:
+      for i in range(s.num_hidden_layers):
+        x = layer(s, self.dtype, self.param_dtype, name=f"layers_{i}")(x, positions)
     return RMSNorm(s.rms_norm_eps, self.param_dtype, name="norm")(x), embed
 
 
@@ -342,6 +388,42 @@ class LlamaForCausalLM(nn.Module):
       logits = _dense(self.settings, self.settings.vocab_size, "lm_head",
                       self.dtype, self.param_dtype)(hidden)
     return logits.astype(jnp.float32)
+
+
+def stack_layers(params, num_layers: Optional[int] = None):
+  """Unrolled LLaMA parameters (``model/layers_<i>/...``) in the scanned
+  layout (``model/layers/...``, layers stacked on a leading axis), for
+  ``LlamaSettings(scan_layers=True)``.
+
+  Raises:
+    ValueError: when the layers are missing or do not share one structure.
+  """
+  model = dict(params["model"])
+  count = num_layers if num_layers is not None else sum(
+      1 for k in model if k.startswith("layers_"))
+  try:
+    layers = [model.pop(f"layers_{i}") for i in range(count)]
+  except KeyError as err:
+    raise ValueError(f"params lack the decoder layer {err}.") from None
+  if not layers:
+    raise ValueError("params have no `model/layers_<i>` to stack.")
+  structures = {jax.tree_util.tree_structure(layer) for layer in layers}
+  if len(structures) != 1:
+    raise ValueError("the decoder layers do not share one structure.")
+  model["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return {**params, "model": model}
+
+
+def unstack_layers(params):
+  """Scanned LLaMA parameters (``model/layers/...``, stacked) in the
+  unrolled layout (``model/layers_<i>/...``); inverse of
+  :func:`stack_layers`."""
+  model = dict(params["model"])
+  stacked = model.pop("layers")
+  count = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(count):
+    model[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return {**params, "model": model}
 
 
 def causal_lm_loss(logits, tokens, loss_mask=None):
