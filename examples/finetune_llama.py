@@ -99,6 +99,13 @@ def parse_args(argv=None):
 
 
 def pretrained_model(args):
+  """(settings, params, tokenizer) in the layout of --scan-layers / --remat."""
+  settings, params, tokenizer = checkpoint_model(args)
+  settings, params = common.with_layout(args, settings, params)
+  return settings, params, tokenizer
+
+
+def checkpoint_model(args):
   """(settings, params, tokenizer): --model-dir, or the built-in model.
 
   The built-in model is pretrained on the embedded corpus once and cached as
@@ -166,8 +173,9 @@ def instruction_data(args, tokenizer):
   return split(0, num_train), split(num_train, len(examples.answers))
 
 
-def make_optimizer(name, args, params):
+def make_optimizer(name, args, params, settings):
   lr = DEFAULT_LR[name] if args.lr is None else args.lr
+  layer_axis = common.layer_axis_of(settings)
   if name == "adamw":
     return optax.adamw(lr, weight_decay=0.0)
   if name == "lora":
@@ -179,14 +187,15 @@ def make_optimizer(name, args, params):
   if name in ("badam", "bread"):
     blocks = dict(switch_every=args.switch_every, order=args.block_order,
                   include_embedding=args.train_embeddings,
-                  include_head=args.train_embeddings, seed=args.seed)
+                  include_head=args.train_embeddings, seed=args.seed,
+                  layer_axis=layer_axis)
     if name == "badam":
       return bl.badam(lr, **blocks)
     return bl.bread(lr, correction="sgd", correction_scale=args.correction_scale,
                     **blocks)
   eligible = (lambda path, leaf: True) if args.train_embeddings else None
   return bl.blockllm(lr, sparsity=args.sparsity, patience=args.patience,
-                     eligible=eligible)
+                     eligible=eligible, layer_axis=layer_axis)
 
 
 @functools.lru_cache(maxsize=8)
@@ -230,7 +239,7 @@ def exact_match(model, params, examples, tokenizer, batch_size=256):
 
 def finetune(model, params, name, train, args):
   """Fine-tunes with one method; returns (params, result dict)."""
-  tx = make_optimizer(name, args, params)
+  tx = make_optimizer(name, args, params, model.settings)
   state = tx.init(params)
 
   def loss_fn(params, tokens, mask):

@@ -252,6 +252,35 @@ def add_model_arguments(parser, *, hidden_size=128, layers=4):
                       help="raw UTF-8 bytes, or a byte-level BPE trained locally "
                            "on the corpus (saved as tokenizer.json)")
   parser.add_argument("--bpe-vocab", type=int, default=2048)
+  parser.add_argument("--scan-layers", action="store_true",
+                      help="run the decoder layers under nn.scan (parameters "
+                           "stacked on a leading axis; the block optimizers "
+                           "then get layer_axis=0)")
+  parser.add_argument("--remat", action="store_true",
+                      help="rematerialise each decoder layer in the backward "
+                           "pass (see --remat-policy)")
+  parser.add_argument("--remat-policy", default="nothing_saveable",
+                      choices=("nothing_saveable", "dots_saveable",
+                               "dots_with_no_batch_dims_saveable"),
+                      help="what a rematerialised layer keeps")
+
+
+def with_layout(args, settings, params=None):
+  """``(settings, params)`` in the layer layout the flags ask for
+  (--scan-layers stacks the layers of unrolled ``params``; --remat)."""
+  import dataclasses
+  from blockllm_jax.models import stack_layers
+  if args.scan_layers and params is not None and not settings.scan_layers:
+    params = stack_layers(params, settings.num_hidden_layers)
+  settings = dataclasses.replace(
+      settings, scan_layers=settings.scan_layers or args.scan_layers,
+      remat=args.remat, remat_policy=args.remat_policy)
+  return settings, params
+
+
+def layer_axis_of(settings):
+  """The block optimizers' ``layer_axis`` for our LLaMA's layout."""
+  return 0 if settings.scan_layers else None
 
 
 # Named sizes of the built-in LLaMA for the benchmarks:

@@ -120,14 +120,15 @@ def simulate_cpu_devices(axes: Optional[dict]):
     pass
 
 
-def make_optimizer(args, param_sharding=None):
+def make_optimizer(args, settings, param_sharding=None):
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, args.lr, args.warmup, max(args.steps, args.warmup + 1), args.lr / 10)
   if args.optimizer == "adamw":
     return optax.adamw(schedule, weight_decay=0.0)
   eligible = (lambda path, leaf: True) if args.train_embeddings else None
   return bl.blockllm(schedule, sparsity=args.sparsity, patience=args.patience,
-                     eligible=eligible, param_sharding=param_sharding)
+                     eligible=eligible, param_sharding=param_sharding,
+                     layer_axis=common.layer_axis_of(settings))
 
 
 def main(argv=None):
@@ -140,7 +141,11 @@ def main(argv=None):
   tokens = np.asarray(tokenizer.encode(corpus), np.int32)
   split = int(0.95 * tokens.size)  # the tail is held out for evaluation
   train_tokens, eval_tokens = tokens[:split], tokens[split:]
-  settings = common.llama_settings(args, tokenizer.vocab_size)
+  settings, _ = common.with_layout(
+      args, common.llama_settings(args, tokenizer.vocab_size))
+  if settings.scan_layers and (args.lean or args.mesh is not None):
+    raise SystemExit("--scan-layers does not combine with --lean or --mesh "
+                     "yet (blockllm's layer_axis supports neither).")
   model = LlamaForCausalLM(settings)
   params = model.init(jax.random.PRNGKey(args.seed),
                       jnp.zeros((1, 8), jnp.int32))["params"]
@@ -160,7 +165,7 @@ def main(argv=None):
     if args.batch_size % mesh.size:
       raise SystemExit(f"--batch-size {args.batch_size} must be a multiple "
                        f"of the {mesh.size} devices of --mesh.")
-  tx = make_optimizer(args, param_sharding)
+  tx = make_optimizer(args, settings, param_sharding)
   if mesh is None:
     opt_state = tx.init(params)
   else:

@@ -115,3 +115,18 @@ def test_instruction_set_masks_only_the_answer():
     assert tok.decode(answer_tokens[:-1]) == answer
     assert answer_tokens[-1] == tok.EOS
     assert tokens[start - 1] == tok.SEP
+
+
+def test_demo_runs_on_a_scanned_rematerialised_model(demo, cache_dir, tmp_path):
+  """--scan-layers --remat: the cached unrolled checkpoint is stacked, every
+  method trains it (block optimizers with layer_axis=0) and the loss falls."""
+  out = demo.main(TINY + [
+      "--optimizer", "blockllm", "badam", "bread", "lora", "--tasks", "upper",
+      "--steps", "30", "--train-examples", "64", "--eval-examples", "16",
+      "--scan-layers", "--remat", "--switch-every", "5", "--patience", "5",
+      "--cache-dir", str(cache_dir), "--out-dir", str(tmp_path)])
+  rows = {row["optimizer"]: row for row in out["results"]}
+  assert sorted(rows) == ["badam", "blockllm", "bread", "lora"]
+  for name, row in rows.items():
+    losses = row["losses"]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]), name

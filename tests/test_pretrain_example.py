@@ -68,3 +68,16 @@ def test_pretraining_with_a_bpe_tokenizer_exports_it(pretrain, tmp_path):
   assert (config["bos_token_id"], config["eos_token_id"]) == (
       saved.bos_token_id, saved.eos_token_id) == (1, 2)
 
+
+
+def test_scanned_rematerialised_pretraining_learns_and_exports(pretrain, tmp_path):
+  """--scan-layers --remat: layers under nn.scan (blockllm with layer_axis=0,
+  one unit per layer), exported one tensor per layer as HF stores them."""
+  out = pretrain.main(TINY + ["--scan-layers", "--remat", "--out-dir",
+                              str(tmp_path)])
+  assert out["eval_losses"][-1] < 0.7 * np.log(260)
+  assert out["params"]["model"]["layers"]["mlp"]["up_proj"]["kernel"].shape[0] == 2
+  settings, params = models.load_hf_checkpoint(out["export_dir"],
+                                               scan_layers=True)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(out["params"])):
+    np.testing.assert_array_equal(a, b)
