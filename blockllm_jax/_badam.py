@@ -45,8 +45,9 @@ class ScaleByBAdamState(NamedTuple):
   """State of :func:`scale_by_badam` and :func:`scale_by_bread`; arrays only.
 
   ``L`` is the number of units with a role (in a block, always active, or a
-  BREAD adapter; a unit is a leaf, or one layer of a stacked leaf), ``B`` the number of blocks, ``capacity`` the coordinates
-  of the always-active leaves plus those of the largest block period.
+  BREAD adapter; a unit is a leaf, or one layer of a stacked leaf), ``B``
+  the number of blocks, ``capacity`` the coordinates of the always-active
+  units plus those of the largest block period.
   """
 
   count: jax.Array  # int32[] finite steps taken: the schedule's clock.
@@ -260,7 +261,8 @@ def _scale_by_block_adam(
     partition = partition_of(tree)
     layout = partition.layout
     if not layout.eligible_index:
-      return (layout.updates_tree(tree, []) if lean else updates), state
+      return ((layout.updates_tree_of_groups(tree, []) if lean else updates),
+              state)
     plan = checked_plan(partition, state.mu.shape[0])
     role = partition.role
     schedule, adam, offset = schedule_of(state, partition, plan)
@@ -280,11 +282,12 @@ def _scale_by_block_adam(
       _layout.require_unstacked_for_lean(layout)
       packed, grads = lean_backward(updates, partition, adam, offset)
     else:
-      packed, grads = None, layout.eligible_leaves(updates)
-      finite &= jnp.all(_engine.finite_flags(grads) | ~adam)
+      # One gradient per group of units (a stacked leaf whole).
+      packed, grads = None, layout.group_leaves(updates)
+      finite &= jnp.all(_engine.finite_units(layout, updates) | ~adam)
     if packed is not None:
       finite &= jnp.all(jnp.isfinite(packed))
-    finite &= _corrections.gradients_finite(grads, role, fix)
+    finite &= _corrections.gradients_finite(grads, layout, role, fix)
     finite = _sharding.all_true(finite, reduce)
 
     is_always = jnp.asarray(np.asarray(role) == _blocks.ALWAYS_ACTIVE)
@@ -293,21 +296,22 @@ def _scale_by_block_adam(
     count = jnp.where(is_always, state.count + 1, schedule.block_step + 1)
     units = _engine.per_unit(offset, adam & finite, count, settings,
                              flag=corrected & finite,
-                             restart=schedule.switch & ~is_always)
+                             restart=schedule.switch & ~is_always,
+                             layout=layout)
     if packed is None:
       mu, nu = _engine.update_unit_moments(state.mu, state.nu, grads, units,
-                                           settings)
+                                           settings, layout)
     else:
       restart = schedule.switch & (jnp.arange(plan.capacity)
                                    >= plan.always_total)
       mu, nu = _engine.update_moments(state.mu, state.nu, packed, finite,
                                       settings, restart=restart)
-    leaf_params = (layout.eligible_leaves(params)
+    leaf_params = (layout.group_leaves(params)
                    if settings.use_weight_decay else None)
     leaf_updates = _engine.unit_updates(mu, nu, layout, units, settings,
                                         leaf_params)
-    leaf_updates = _corrections.correct(leaf_updates, grads, role, units,
-                                        fix)
+    leaf_updates = _corrections.correct(leaf_updates, grads, layout, role,
+                                        units, fix)
 
     step = finite.astype(jnp.int32)
     keep = lambda new, old: jnp.where(finite, new, old)
@@ -327,7 +331,7 @@ def _scale_by_block_adam(
         skipped_count=state.skipped_count + (1 - step),
         unit_layer=state.unit_layer,
     )
-    return layout.updates_tree(tree, leaf_updates), new_state
+    return layout.updates_tree_of_groups(tree, leaf_updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -295,7 +295,8 @@ def scale_by_blockllm(
     tree = updates.params_like if lean else updates
     layout = layout_of(tree)
     if not layout.eligible_index:
-      return (layout.updates_tree(tree, []) if lean else updates), state
+      return ((layout.updates_tree_of_groups(tree, []) if lean else updates),
+              state)
     capacity = state.mu.shape[0]
     sizes = layout.sizes
     # The budget counts whole leaves, so every device makes the same choice.
@@ -320,16 +321,16 @@ def scale_by_blockllm(
       packed = updates.packed
     else:
       # Tier A: the full gradient; any non-finite entry skips the step.
-      grads = layout.eligible_leaves(updates)
+      grads = layout.group_leaves(updates)
       finite = _sharding.all_true(
-          jnp.isfinite(loss) & jnp.all(_engine.finite_flags(grads)), reduce)
+          jnp.isfinite(loss) & jnp.all(_engine.finite_units(layout, updates)),
+          reduce)
       do_select = finite & trigger_of(state, loss)
 
       def reselect_from_grads(selection):
         # The scores' norms only on steps that reselect.
-        norm_sq = _sharding.leaf_sums(jnp.stack(
-            [jnp.sum(jnp.square(g.astype(jnp.float32))) for g in grads]),
-                                      reduce)
+        norm_sq = _sharding.leaf_sums(
+            _engine.unit_norms_squared(layout, updates), reduce)
         return reselect(selection, choose(
             selection.visit_count, jnp.sqrt(norm_sq), sizes, select_sizes,
             select_capacity), sizes)
@@ -339,7 +340,8 @@ def scale_by_blockllm(
 
     active = selection.selected & finite
     leaf_count = selection.leaf_count + active.astype(jnp.int32)
-    units = _engine.per_unit(selection.offset, active, leaf_count, settings)
+    units = _engine.per_unit(selection.offset, active, leaf_count, settings,
+                             layout=layout)
     if lean:
       # The packed gradient holds the selected leaves up to `used`; the
       # tail of the buffers is left as it is.
@@ -350,8 +352,8 @@ def scale_by_blockllm(
           (jnp.arange(capacity) < used) & finite, settings)
     else:
       mu, nu = _engine.update_unit_moments(selection.mu, selection.nu, grads,
-                                           units, settings)
-    leaf_params = (layout.eligible_leaves(params)
+                                           units, settings, layout)
+    leaf_params = (layout.group_leaves(params)
                    if settings.use_weight_decay else None)
     directions = _engine.unit_updates(
         mu, nu, layout, units, settings, leaf_params,
@@ -378,7 +380,7 @@ def scale_by_blockllm(
         skipped_count=state.skipped_count + (1 - step),
         unit_layer=state.unit_layer,
     )
-    return layout.updates_tree(tree, directions), new_state
+    return layout.updates_tree_of_groups(tree, directions), new_state
 
   def reselect(selection, chosen, sizes):
     """The new selection's state: kept leaves keep their moments and

@@ -111,31 +111,48 @@ def dense_needed(role: Sequence[int], fix: Correction) -> list:
   return [fix.uses_sgd and r == _blocks.BLOCK for r in role]
 
 
-def gradients_finite(grads: Sequence[Any], role: Sequence[int],
+def gradients_finite(grads: Sequence[Any], layout, role: Sequence[int],
                      fix: Correction) -> jax.Array:
-  """bool[]: every gradient an SGD correction may use is finite."""
-  blocks = [grad for grad, r in zip(grads, role) if r == _blocks.BLOCK]
+  """bool[]: every gradient an SGD correction may use is finite.
+
+  ``grads`` has one entry per group of ``layout`` (a stacked leaf whole)."""
+  blocks = [grad for grad, group in zip(grads, layout.groups())
+            if role[group.start] == _blocks.BLOCK]
   if not (fix.uses_sgd and blocks):
     return jnp.ones([], bool)
   return jnp.all(_engine.finite_flags(blocks))
 
 
-def correct(updates: list, grads: Sequence[Any], role: Sequence[int],
+def correct(updates: list, grads: Sequence[Any], layout, role: Sequence[int],
             units, fix: Correction) -> list:
   """The engine's Adam updates with the correction applied.
 
   Adapters' Adam updates are scaled by ``correction_scale``; a corrected
-  block leaf (``unit.flag``, inactive in Adam, False on skipped steps)
-  gets ``correction_scale * g`` (or ``* sign(g)``) in the updates' dtype.
+  block unit (``flag``, inactive in Adam, False on skipped steps) gets
+  ``correction_scale * g`` (or ``* sign(g)``) in the updates' dtype.
+  ``updates`` and ``grads`` have one entry per group of ``layout``; a
+  stacked group is corrected layer by layer with its units' flags laid
+  along its layer axis.
   """
   out = []
-  for update, grad, r, unit in zip(updates, grads, role, units, strict=True):
+  for update, grad, group in zip(updates, grads, layout.groups(),
+                                 strict=True):
+    r = role[group.start]
     if fix.scales_adapters and r == _blocks.ADAPTER:
       update = fix.scale * update
     if fix.uses_sgd and r == _blocks.BLOCK:
       step = grad.astype(update.dtype)
       if fix.kind == "sign_sgd":
         step = jnp.sign(step)
-      update = jnp.where(unit.flag, fix.scale * step, update)
+      if group.axis is None:
+        flag = units.at(group.start).flag
+      else:
+        layers = np.asarray(group.layers)
+        flag = jnp.zeros([layout.num_layers(group)], bool).at[layers].set(
+            units.vectors.flag[group.start:group.stop])
+        shape = [1] * update.ndim
+        shape[group.axis] = -1
+        flag = flag.reshape(shape)
+      update = jnp.where(flag, fix.scale * step, update)
     out.append(update)
   return out

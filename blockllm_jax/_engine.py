@@ -13,6 +13,11 @@ trained in a step; a selection policy (:mod:`blockllm_jax._blockllm`,
    from its window of the moments (zero for inactive units), then finished
    by the policy (weight decay, top-k, a correction).
 
+The units of a stacked leaf (``layer_axis``: one unit per layer) are one
+group: a ``lax.fori_loop`` over its layers does both steps for one layer
+per iteration, reading the layer's slice of the gradient, so a scanned
+model's step does not grow with its depth.
+
 There is no ``lax.cond`` per unit. What the program costs to compile is set
 by the number of *distinct* kernels, and XLA reuses one compiled kernel for
 all fusions that are identical, e.g. the same projection in every layer.
@@ -34,6 +39,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -144,38 +150,83 @@ def split_rows(vectors: Sequence[jax.Array]) -> list:
            for k, v in enumerate(vectors)] for row in rows]
 
 
+class Units(NamedTuple):
+  """A step's per-unit values: vectors over all units, and separate scalar
+  buffers (:class:`Unit`) for the units that are not layers of a stack."""
+
+  vectors: Unit  # each field [U] (or None)
+  scalars: dict  # unit index -> Unit, for unstacked units
+
+  def at(self, unit) -> Unit:
+    """Unit ``unit``'s values: its scalars, or (an index inside a loop over
+    a stack's layers) read from the vectors."""
+    if isinstance(unit, int) and unit in self.scalars:
+      return self.scalars[unit]
+    v = self.vectors
+    pick = lambda x: None if x is None else x[unit]
+    return Unit(offset=v.offset[unit], active=v.active[unit],
+                bias1=v.bias1[unit], bias2=v.bias2[unit], flag=pick(v.flag),
+                restart=pick(v.restart))
+
+
 def per_unit(offset: jax.Array, active: jax.Array, count: jax.Array,
              settings: AdamSettings, flag: Optional[jax.Array] = None,
-             restart: Optional[jax.Array] = None) -> list:
-  """The per-unit scalars of one step, as a list of :class:`Unit`.
+             restart: Optional[jax.Array] = None,
+             layout: Optional[_layout.LeafLayout] = None) -> Units:
+  """The per-unit values of one step.
 
   Args:
-    offset: int32[L] start of each unit's window in the moment buffers.
-    active: bool[L] units trained with Adam in this step (False for every
+    offset: int32[U] start of each unit's window in the moment buffers.
+    active: bool[U] units trained with Adam in this step (False for every
       unit of a skipped step). A step-wide flag such as finiteness belongs
       in here, not in a scalar next to the units: XLA would fuse its
       computation into, and so repeat it in, every unit's kernel.
-    count: int32[L] Adam steps of each unit including this one (>= 1 where
+    count: int32[U] Adam steps of each unit including this one (>= 1 where
       active); bias corrections are computed for all units at once.
     settings: the Adam hyperparameters.
-    flag: optional bool[L] the policy reads per unit (e.g. BREAD's SGD
+    flag: optional bool[U] the policy reads per unit (e.g. BREAD's SGD
       correction).
-    restart: optional bool[L]: units whose moments restart from zero.
+    restart: optional bool[U]: units whose moments restart from zero.
+    layout: the units' layout; units that are layers of a stacked leaf get
+      no scalars of their own (a loop over the layers reads the vectors).
+      None: every unit is unstacked.
   """
   count = jnp.maximum(count, 1)  # inactive units: a harmless correction
   bias1 = (1 - settings.b1**count).astype(jnp.float32)
   bias2 = (1 - settings.b2**count).astype(jnp.float32)
-  ints = [offset.astype(jnp.int32), active.astype(jnp.int32)]
+  vectors = Unit(offset=offset.astype(jnp.int32), active=active, bias1=bias1,
+                 bias2=bias2, flag=flag, restart=restart)
+  if layout is None:
+    singles = list(range(int(offset.shape[0])))
+  else:
+    singles = [g.start for g in layout.groups() if g.axis is None]
+  if not singles:
+    return Units(vectors, {})
+  index = np.asarray(singles)
+  ints = [v.astype(jnp.int32)[index] for v in (offset, active)]
   optional = [v for v in (flag, restart) if v is not None]
-  ints += [v.astype(jnp.int32) for v in optional]
-  units = []
-  for row in split_rows([bias1, bias2] + ints):
+  ints += [v.astype(jnp.int32)[index] for v in optional]
+  scalars = {}
+  for unit, row in zip(singles, split_rows([bias1[index], bias2[index]]
+                                           + ints)):
     extra = iter(row[4:])
-    units.append(Unit(
+    scalars[unit] = Unit(
         offset=row[2], active=row[3] > 0, bias1=row[0], bias2=row[1],
         flag=next(extra) > 0 if flag is not None else None,
-        restart=next(extra) > 0 if restart is not None else None))
-  return units
+        restart=next(extra) > 0 if restart is not None else None)
+  return Units(vectors, scalars)
+
+
+def _layer_loop(group: _layout.UnitGroup, body, carry):
+  """``carry = body(k, unit, layer, carry)`` for each unit ``k`` of a
+  stacked group, as one ``lax.fori_loop`` (one copy of the body, whatever
+  the number of layers)."""
+  layers = jnp.asarray(group.layers, jnp.int32)
+
+  def step(k, carry):
+    return body(k, group.start + k, layers[k], carry)
+
+  return lax.fori_loop(0, group.stop - group.start, step, carry)
 
 
 def _moments(grad, mu, nu, settings: AdamSettings, restart=None):
@@ -187,37 +238,62 @@ def _moments(grad, mu, nu, settings: AdamSettings, restart=None):
           (1 - settings.b2) * (grad**2) + settings.b2 * nu)
 
 
+def _unit_moments(mu, nu, grad, unit: Unit, settings: AdamSettings):
+  """One unit's windows of ``mu`` / ``nu`` updated from its gradient, in
+  place (an inactive unit writes back what it read)."""
+  flat = grad.reshape(-1).astype(mu.dtype)
+  size = flat.shape[0]
+  old_mu = _compact.read_leaf(mu, unit.offset, size)
+  old_nu = _compact.read_leaf(nu, unit.offset, size)
+  new_mu, new_nu = _moments(flat, old_mu, old_nu, settings, unit.restart)
+  mu = lax.dynamic_update_slice(
+      mu, jnp.where(unit.active, new_mu, old_mu).astype(mu.dtype),
+      (unit.offset,))
+  nu = lax.dynamic_update_slice(
+      nu, jnp.where(unit.active, new_nu, old_nu).astype(nu.dtype),
+      (unit.offset,))
+  return mu, nu
+
+
 def update_unit_moments(mu: jax.Array, nu: jax.Array,
-                        grads: Sequence[jax.Array], units: Sequence[Unit],
-                        settings: AdamSettings):
+                        grads: Sequence[jax.Array], units: Units,
+                        settings: AdamSettings,
+                        layout: Optional[_layout.LeafLayout] = None):
   """Adam's moment update straight from each unit's gradient, in place.
 
   Each active unit's windows of ``mu`` / ``nu`` are read, updated with its
   gradient and written back; an inactive unit (or a skipped step) writes
   back what it read, so no shape depends on the data. No packed copy of
-  the gradients is ever made.
+  the gradients is ever made. The layers of a stacked leaf are one
+  ``lax.fori_loop`` that reads each layer's slice of the gradient.
 
   Args:
     mu, nu: the moment buffers.
-    grads: each unit's gradient.
-    units: each unit's scalars (:func:`per_unit`; ``restart`` honoured).
+    grads: one gradient per group of ``layout`` (a stacked group's whole
+      leaf); without ``layout``, one per unit.
+    units: the step's per-unit values (:func:`per_unit`; ``restart``
+      honoured).
     settings: the Adam hyperparameters.
+    layout: the units' layout (None: every unit unstacked).
 
   Returns:
     ``(mu, nu)``.
   """
-  for grad, unit in zip(grads, units, strict=True):
-    flat = grad.reshape(-1).astype(mu.dtype)
-    size = flat.shape[0]
-    old_mu = _compact.read_leaf(mu, unit.offset, size)
-    old_nu = _compact.read_leaf(nu, unit.offset, size)
-    new_mu, new_nu = _moments(flat, old_mu, old_nu, settings, unit.restart)
-    mu = lax.dynamic_update_slice(
-        mu, jnp.where(unit.active, new_mu, old_mu).astype(mu.dtype),
-        (unit.offset,))
-    nu = lax.dynamic_update_slice(
-        nu, jnp.where(unit.active, new_nu, old_nu).astype(nu.dtype),
-        (unit.offset,))
+  groups = (layout.groups() if layout is not None else
+            [_layout.UnitGroup(u, u + 1, u, None, ()) for u in
+             range(len(grads))])
+  for group, grad in zip(groups, grads, strict=True):
+    if group.axis is None:
+      mu, nu = _unit_moments(mu, nu, grad, units.at(group.start), settings)
+      continue
+
+    def body(k, unit, layer, buffers, grad=grad, axis=group.axis):
+      del k
+      return _unit_moments(
+          *buffers, lax.dynamic_index_in_dim(grad, layer, axis, False),
+          units.at(unit), settings)
+
+    mu, nu = _layer_loop(group, body, (mu, nu))
   return mu, nu
 
 
@@ -233,6 +309,21 @@ def finite_flags(grads: Sequence[jax.Array]) -> jax.Array:
     return jnp.zeros([0], bool)
   return jnp.isfinite(jnp.stack(
       [jnp.max(jnp.abs(grad)).astype(jnp.float32) for grad in grads]))
+
+
+def finite_units(layout: _layout.LeafLayout, tree) -> jax.Array:
+  """bool[U]: each unit's part of ``tree`` is finite (as
+  :func:`finite_flags`; one reduction per stacked leaf)."""
+  return jnp.isfinite(layout.unit_reduce(
+      tree, lambda x, axes: jnp.max(jnp.abs(x), axis=axes).astype(
+          jnp.float32)))
+
+
+def unit_norms_squared(layout: _layout.LeafLayout, tree) -> jax.Array:
+  """float32[U]: each unit's squared norm (one reduction per stacked leaf)."""
+  return layout.unit_reduce(
+      tree, lambda x, axes: jnp.sum(jnp.square(x.astype(jnp.float32)),
+                                    axis=axes))
 
 
 def update_moments(mu: jax.Array, nu: jax.Array, packed: jax.Array,
@@ -272,37 +363,63 @@ def adam_direction(mu: jax.Array, nu: jax.Array, unit: Unit,
 Finish = Callable[[int, Unit, jax.Array], jax.Array]
 
 
+def _unit_update(mu, nu, unit: Unit, i, shape, size, out_dtype,
+                 settings: AdamSettings, param, finish):
+  direction = adam_direction(_compact.read_leaf(mu, unit.offset, size),
+                             _compact.read_leaf(nu, unit.offset, size), unit,
+                             settings)
+  update = direction.reshape(shape).astype(out_dtype)
+  if settings.use_weight_decay:
+    update = update + settings.weight_decay * param.astype(out_dtype)
+  if finish is not None:
+    update = finish(i, unit, update)
+  return jnp.where(unit.active, update, jnp.zeros(shape, out_dtype))
+
+
 def unit_updates(mu: jax.Array, nu: jax.Array, layout: _layout.LeafLayout,
-                 units: Sequence[Unit], settings: AdamSettings,
+                 units: Units, settings: AdamSettings,
                  params: Optional[Sequence[Any]] = None,
                  finish: Optional[Finish] = None) -> list:
   """Each unit's update: its Adam direction if active, else exactly zero.
 
   Args:
     mu, nu: the updated moment buffers.
-    layout: the units' static shapes, sizes and dtypes.
-    units: the step's per-unit scalars.
+    layout: the units' static shapes, sizes, dtypes and groups.
+    units: the step's per-unit values.
     settings: the Adam hyperparameters (weight decay is added here).
-    params: each unit's parameter (needed with weight decay).
+    params: one parameter per group (needed with weight decay).
     finish: optional ``(i, unit, update) -> update`` of the policy, applied
       after weight decay and before inactive units are zeroed.
 
   Returns:
-    A list of updates, each in :func:`update_dtype` of its unit.
+    One update per group of ``layout`` (a stacked group's is the whole
+    stacked leaf, built by a ``lax.fori_loop`` over its layers), each in
+    :func:`update_dtype` of its unit.
   """
   updates = []
-  for i, unit in enumerate(units):
+  for g, group in enumerate(layout.groups()):
+    i = group.start
     shape, size = layout.shapes[i], layout.sizes[i]
     out_dtype = update_dtype(layout.dtypes[i])
-    direction = adam_direction(_compact.read_leaf(mu, unit.offset, size),
-                               _compact.read_leaf(nu, unit.offset, size), unit,
-                               settings)
-    update = direction.reshape(shape).astype(out_dtype)
-    if settings.use_weight_decay:
-      update = update + settings.weight_decay * params[i].astype(out_dtype)
-    if finish is not None:
-      update = finish(i, unit, update)
-    updates.append(jnp.where(unit.active, update, jnp.zeros(shape, out_dtype)))
+    param = params[g] if settings.use_weight_decay else None
+    if group.axis is None:
+      updates.append(_unit_update(mu, nu, units.at(i), i, shape, size,
+                                  out_dtype, settings, param, finish))
+      continue
+    axis = group.axis
+    stacked_shape = shape[:axis] + (layout.num_layers(group),) + shape[axis:]
+
+    def body(k, unit, layer, stacked, axis=axis, param=param, shape=shape,
+             size=size, out_dtype=out_dtype):
+      del k
+      layer_param = (None if param is None else
+                     lax.dynamic_index_in_dim(param, layer, axis, False))
+      update = _unit_update(mu, nu, units.at(unit), unit, shape, size,
+                            out_dtype, settings, layer_param, finish)
+      return lax.dynamic_update_index_in_dim(stacked, update, layer, axis)
+
+    updates.append(_layer_loop(group, body,
+                               jnp.zeros(stacked_shape, out_dtype)))
   return updates
 
 

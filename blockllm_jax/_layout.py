@@ -7,6 +7,7 @@ traced ``update`` and never causes a recompilation.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable, NamedTuple, Union
 
@@ -81,6 +82,7 @@ class LeafLayout(NamedTuple):
     sizes: number of coordinates of each unit.
     unit_layer: each unit's layer in its stacked leaf, or -1 (unstacked).
     layer_axes: per leaf (flattening order), its layer axis or None.
+    layer_counts: per leaf, its number of layers if stacked, else None.
   """
 
   treedef: Any
@@ -91,6 +93,7 @@ class LeafLayout(NamedTuple):
   sizes: tuple
   unit_layer: tuple = ()
   layer_axes: tuple = ()
+  layer_counts: tuple = ()  # per leaf: layers of a stacked leaf, or None
 
   @property
   def num_eligible(self) -> int:
@@ -153,6 +156,51 @@ class LeafLayout(NamedTuple):
            for leaf, update in zip(flat, out)]
     return self.treedef.unflatten(out)
 
+  def num_layers(self, group: "UnitGroup") -> int:
+    """Layers of a stacked group's leaf."""
+    return self.layer_counts[group.position]
+
+  def groups(self) -> tuple:
+    """The units as :class:`UnitGroup` s: each stacked leaf's units (which
+    are consecutive) form one group, every other unit a group of its own."""
+    return _groups(self)
+
+  def group_leaves(self, tree) -> list:
+    """One array per :meth:`groups` entry: the unit's leaf, or the whole
+    stacked leaf of a group of layers."""
+    flat = self.treedef.flatten_up_to(tree)
+    return [flat[group.position] for group in self.groups()]
+
+  def unit_reduce(self, tree, reduce) -> jax.Array:
+    """``[U]``: ``reduce(x, axes)`` of each unit's part of ``tree``.
+
+    ``reduce`` reduces ``x`` over ``axes`` (None: all). A stacked leaf is
+    reduced once over every axis but its layer axis, so the program does
+    not grow with the number of layers.
+    """
+    parts = []
+    for group, leaf in zip(self.groups(), self.group_leaves(tree)):
+      if group.axis is None:
+        parts.append(jnp.reshape(reduce(leaf, None), [1]))
+      else:
+        axes = tuple(i for i in range(leaf.ndim) if i != group.axis)
+        per_layer = reduce(leaf, axes)
+        layers = np.asarray(group.layers)
+        parts.append(per_layer if (len(layers) == per_layer.shape[0] and
+                                   (layers == np.arange(len(layers))).all())
+                     else per_layer[layers])
+    if not parts:
+      return jnp.zeros([0], jnp.float32)
+    return jnp.concatenate(parts)
+
+  def updates_tree_of_groups(self, tree, group_updates):
+    """``tree``'s structure with one update per :meth:`groups` entry (a
+    stacked group's update is the whole stacked leaf) and zeros elsewhere."""
+    flat = [jnp.zeros_like(leaf) for leaf in self.treedef.flatten_up_to(tree)]
+    for group, update in zip(self.groups(), group_updates, strict=True):
+      flat[group.position] = update
+    return self.treedef.unflatten(flat)
+
   def subset(self, units) -> "LeafLayout":
     """The layout of the listed units only (ascending positions)."""
     units = list(units)
@@ -161,6 +209,44 @@ class LeafLayout(NamedTuple):
         eligible_index=pick(self.eligible_index), shapes=pick(self.shapes),
         dtypes=pick(self.dtypes), sizes=pick(self.sizes),
         unit_layer=pick(self.unit_layer))
+
+
+class UnitGroup(NamedTuple):
+  """Consecutive units processed together (static).
+
+  Attributes:
+    start, stop: the units ``start .. stop - 1``.
+    position: flat position of their leaf.
+    axis: the leaf's layer axis, or None for a single unstacked unit.
+    layers: each unit's layer (``()`` for an unstacked unit).
+  """
+
+  start: int
+  stop: int
+  position: int
+  axis: Any
+  layers: tuple
+
+
+@functools.lru_cache(maxsize=64)
+def _groups(layout: "LeafLayout") -> tuple:
+  groups = []
+  unit = 0
+  num = len(layout.eligible_index)
+  while unit < num:
+    position = layout.eligible_index[unit]
+    layer = layout.unit_layer[unit] if layout.unit_layer else -1
+    if layer < 0:
+      groups.append(UnitGroup(unit, unit + 1, position, None, ()))
+      unit += 1
+      continue
+    stop = unit
+    while stop < num and layout.eligible_index[stop] == position:
+      stop += 1
+    groups.append(UnitGroup(unit, stop, position, layout.layer_axes[position],
+                            tuple(layout.unit_layer[unit:stop])))
+    unit = stop
+  return tuple(groups)
 
 
 # How a leaf stacks layers: None, an axis for every leaf under a layer stack,
@@ -329,6 +415,8 @@ def build_layout(tree, eligible: Eligible = None,
       sizes=tuple(sizes),
       unit_layer=tuple(unit_layer),
       layer_axes=layer_axes,
+      layer_counts=tuple(None if axis is None else int(leaf.shape[axis])
+                         for (_, leaf), axis in zip(path_leaves, layer_axes)),
   )
 
 
