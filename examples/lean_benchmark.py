@@ -20,6 +20,8 @@ Usage::
 
   python examples/lean_benchmark.py                      # CPU sizes
   python examples/lean_benchmark.py --sizes gpu-350m --dtype bfloat16 --peak
+  python examples/lean_benchmark.py --scan-layers --remat \
+      --methods adamw blockllm badam
 
 Writes ``results.json``, ``memory.md`` and ``memory.png`` to ``--out``.
 """
@@ -96,8 +98,11 @@ def build(method: str, model, params):
       return loss_fn(params, tokens)
     return with_grads(tx, lambda p, s, t: jax.value_and_grad(frozen_loss)(p, t))
   base, _, variant = method.partition("-")
-  tx = (bl.blockllm(1e-4, sparsity=SPARSITY) if base == "blockllm"
-        else bl.badam(1e-4, switch_every=50))
+  # A scanned model's stacked leaves: one unit per layer.
+  layer_axis = 0 if model.settings.scan_layers else None
+  tx = (bl.blockllm(1e-4, sparsity=SPARSITY, layer_axis=layer_axis)
+        if base == "blockllm"
+        else bl.badam(1e-4, switch_every=50, layer_axis=layer_axis))
   if not variant:
     return with_grads(tx, plain)
   return with_grads(tx, bl.lean_value_and_grad(
@@ -105,7 +110,10 @@ def build(method: str, model, params):
 
 
 def measure(method, size, args, *, timed=True):
-  settings = llama_common.sized_settings(size)
+  import dataclasses
+  settings = dataclasses.replace(llama_common.sized_settings(size),
+                                 scan_layers=args.scan_layers,
+                                 remat=args.remat)
   dtype = jnp.dtype(args.dtype)
   model = LlamaForCausalLM(settings, dtype=dtype)
   tokens = jnp.zeros((args.batch, args.seq), jnp.int32)
@@ -170,9 +178,18 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--peak", action="store_true",
                       help="GPU: peak_bytes_in_use in a fresh process each")
+  parser.add_argument("--scan-layers", action="store_true",
+                      help="decoder layers under nn.scan (block optimizers "
+                           "with layer_axis=0; adamw, blockllm, badam only)")
+  parser.add_argument("--remat", action="store_true",
+                      help="rematerialise each decoder layer")
   parser.add_argument("--single", choices=METHODS, help=argparse.SUPPRESS)
   parser.add_argument("--out", type=Path, default=Path("runs/lean_benchmark"))
   args = parser.parse_args()
+  if args.scan_layers and set(args.methods) - {"adamw", "blockllm", "badam"}:
+    parser.error("--scan-layers: only adamw, blockllm and badam (the static "
+                 "freeze and the lean steps do not take stacked layers "
+                 "yet).")
 
   if args.single:
     print(json.dumps(measure(args.single, args.sizes[0], args)))
