@@ -261,7 +261,7 @@ def _scale_by_block_adam(
     partition = partition_of(tree)
     layout = partition.layout
     if not layout.eligible_index:
-      return ((layout.updates_tree_of_groups(tree, []) if lean else updates),
+      return ((layout.updates_tree(tree, []) if lean else updates),
               state)
     plan = checked_plan(partition, state.mu.shape[0])
     role = partition.role
@@ -331,7 +331,7 @@ def _scale_by_block_adam(
         skipped_count=state.skipped_count + (1 - step),
         unit_layer=state.unit_layer,
     )
-    return layout.updates_tree_of_groups(tree, leaf_updates), new_state
+    return layout.updates_tree(tree, leaf_updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -295,7 +295,7 @@ def scale_by_blockllm(
     tree = updates.params_like if lean else updates
     layout = layout_of(tree)
     if not layout.eligible_index:
-      return ((layout.updates_tree_of_groups(tree, []) if lean else updates),
+      return ((layout.updates_tree(tree, []) if lean else updates),
               state)
     capacity = state.mu.shape[0]
     sizes = layout.sizes
@@ -380,7 +380,7 @@ def scale_by_blockllm(
         skipped_count=state.skipped_count + (1 - step),
         unit_layer=state.unit_layer,
     )
-    return layout.updates_tree_of_groups(tree, directions), new_state
+    return layout.updates_tree(tree, directions), new_state
 
   def reselect(selection, chosen, sizes):
     """The new selection's state: kept leaves keep their moments and

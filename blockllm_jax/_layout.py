@@ -128,34 +128,6 @@ class LeafLayout(NamedTuple):
       out.append(leaf)
     return out
 
-  def updates_tree(self, tree, eligible_updates):
-    """``tree``'s structure with ``eligible_updates`` (one per unit) at the
-    eligible leaves and zeros (like ``tree``'s leaves) everywhere else; a
-    stacked leaf's units are stacked back along its axis (layers without a
-    unit get zeros)."""
-    flat = self.treedef.flatten_up_to(tree)
-    out = [None] * len(flat)
-    layers: dict = {}
-    for unit, (position, update) in enumerate(
-        zip(self.eligible_index, eligible_updates, strict=True)):
-      layer = self.unit_layer[unit] if self.unit_layer else -1
-      if layer < 0:
-        out[position] = update
-      else:
-        layers.setdefault(position, {})[layer] = update
-    for position, by_layer in layers.items():
-      axis = self.layer_axes[position]
-      like = flat[position]
-      num = like.shape[axis]
-      dtype = next(iter(by_layer.values())).dtype
-      slice_shape = tuple(d for i, d in enumerate(like.shape) if i != axis)
-      out[position] = jnp.stack(
-          [by_layer.get(i, jnp.zeros(slice_shape, dtype)) for i in range(num)],
-          axis=axis)
-    out = [jnp.zeros_like(leaf) if update is None else update
-           for leaf, update in zip(flat, out)]
-    return self.treedef.unflatten(out)
-
   def num_layers(self, group: "UnitGroup") -> int:
     """Layers of a stacked group's leaf."""
     return self.layer_counts[group.position]
@@ -193,7 +165,7 @@ class LeafLayout(NamedTuple):
       return jnp.zeros([0], jnp.float32)
     return jnp.concatenate(parts)
 
-  def updates_tree_of_groups(self, tree, group_updates):
+  def updates_tree(self, tree, group_updates):
     """``tree``'s structure with one update per :meth:`groups` entry (a
     stacked group's update is the whole stacked leaf) and zeros elsewhere."""
     flat = [jnp.zeros_like(leaf) for leaf in self.treedef.flatten_up_to(tree)]
