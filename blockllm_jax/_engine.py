@@ -376,6 +376,30 @@ def _unit_update(mu, nu, unit: Unit, i, shape, size, out_dtype,
   return jnp.where(unit.active, update, jnp.zeros(shape, out_dtype))
 
 
+def _stacked_update(mu, nu, group: _layout.UnitGroup, units: Units, shape,
+                    size, out_dtype, settings: AdamSettings, param):
+  """A stacked leaf's update in one elementwise expression: each layer's
+  moments are gathered from its window by position, which XLA fuses into
+  the update's consumers (e.g. ``optax.apply_updates``) instead of
+  materialising the stacked update as a loop would."""
+  v = units.vectors
+  sl = slice(group.start, group.stop)
+  position = (v.offset[sl][:, None]
+              + jnp.arange(size, dtype=jnp.int32)[None, :])
+  unit = Unit(offset=None, active=v.active[sl][:, None],
+              bias1=v.bias1[sl][:, None], bias2=v.bias2[sl][:, None])
+  direction = adam_direction(
+      mu.at[position].get(mode="clip"), nu.at[position].get(mode="clip"),
+      unit, settings)
+  update = jnp.moveaxis(direction.reshape((-1,) + shape), 0, group.axis)
+  update = update.astype(out_dtype)
+  if settings.use_weight_decay:
+    update = update + settings.weight_decay * param.astype(out_dtype)
+  active = unit.active.reshape([-1] + [1] * len(shape))
+  active = jnp.moveaxis(active, 0, group.axis)
+  return jnp.where(active, update, jnp.zeros((), out_dtype))
+
+
 def unit_updates(mu: jax.Array, nu: jax.Array, layout: _layout.LeafLayout,
                  units: Units, settings: AdamSettings,
                  params: Optional[Sequence[Any]] = None,
@@ -408,6 +432,10 @@ def unit_updates(mu: jax.Array, nu: jax.Array, layout: _layout.LeafLayout,
       continue
     axis = group.axis
     stacked_shape = shape[:axis] + (layout.num_layers(group),) + shape[axis:]
+    if finish is None and group.layers == tuple(range(stacked_shape[axis])):
+      updates.append(_stacked_update(mu, nu, group, units, shape, size,
+                                     out_dtype, settings, param))
+      continue
 
     def body(k, unit, layer, stacked, axis=axis, param=param, shape=shape,
              size=size, out_dtype=out_dtype):

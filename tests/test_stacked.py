@@ -105,8 +105,11 @@ def layer_axis_of(kernel_axis):
 OPTIMIZERS = {
     "blockllm": lambda **kw: bl.blockllm(3e-2, sparsity=0.7, patience=2,
                                          min_interval=2, **kw),
+    "blockllm-decay-topk": lambda **kw: bl.blockllm(
+        3e-2, sparsity=0.7, patience=2, min_interval=2, weight_decay=0.1,
+        topk_fraction=0.5, **kw),
     "badam": lambda **kw: bl.badam(3e-2, switch_every=2, order="random",
-                                   **kw),
+                                   weight_decay=0.1, **kw),
     "bread-sgd": lambda **kw: bl.bread(3e-2, correction="sgd",
                                        correction_scale=0.5, switch_every=2,
                                        **kw),
