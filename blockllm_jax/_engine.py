@@ -14,9 +14,12 @@ trained in a step; a selection policy (:mod:`blockllm_jax._blockllm`,
    by the policy (weight decay, top-k, a correction).
 
 The units of a stacked leaf (``layer_axis``: one unit per layer) are one
-group: a ``lax.fori_loop`` over its layers does both steps for one layer
-per iteration, reading the layer's slice of the gradient, so a scanned
-model's step does not grow with its depth.
+group: a ``lax.fori_loop`` over its layers updates one layer's moments per
+iteration, reading the layer's slice of the gradient, and the stacked
+update is one elementwise expression over the moment windows gathered by
+position (which XLA fuses into the parameter update; a loop again when a
+policy finishes each unit, e.g. top-k), so a scanned model's step does
+not grow with its depth.
 
 There is no ``lax.cond`` per unit. What the program costs to compile is set
 by the number of *distinct* kernels, and XLA reuses one compiled kernel for
