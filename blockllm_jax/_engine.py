@@ -174,8 +174,8 @@ class Units(NamedTuple):
 
 def per_unit(offset: jax.Array, active: jax.Array, count: jax.Array,
              settings: AdamSettings, flag: Optional[jax.Array] = None,
-             restart: Optional[jax.Array] = None,
-             layout: Optional[_layout.LeafLayout] = None) -> Units:
+             restart: Optional[jax.Array] = None, *,
+             layout: _layout.LeafLayout) -> Units:
   """The per-unit values of one step.
 
   Args:
@@ -192,17 +192,13 @@ def per_unit(offset: jax.Array, active: jax.Array, count: jax.Array,
     restart: optional bool[U]: units whose moments restart from zero.
     layout: the units' layout; units that are layers of a stacked leaf get
       no scalars of their own (a loop over the layers reads the vectors).
-      None: every unit is unstacked.
   """
   count = jnp.maximum(count, 1)  # inactive units: a harmless correction
   bias1 = (1 - settings.b1**count).astype(jnp.float32)
   bias2 = (1 - settings.b2**count).astype(jnp.float32)
   vectors = Unit(offset=offset.astype(jnp.int32), active=active, bias1=bias1,
                  bias2=bias2, flag=flag, restart=restart)
-  if layout is None:
-    singles = list(range(int(offset.shape[0])))
-  else:
-    singles = [g.start for g in layout.groups() if g.axis is None]
+  singles = [g.start for g in layout.groups() if g.axis is None]
   if not singles:
     return Units(vectors, {})
   index = np.asarray(singles)
@@ -261,7 +257,7 @@ def _unit_moments(mu, nu, grad, unit: Unit, settings: AdamSettings):
 def update_unit_moments(mu: jax.Array, nu: jax.Array,
                         grads: Sequence[jax.Array], units: Units,
                         settings: AdamSettings,
-                        layout: Optional[_layout.LeafLayout] = None):
+                        layout: _layout.LeafLayout):
   """Adam's moment update straight from each unit's gradient, in place.
 
   Each active unit's windows of ``mu`` / ``nu`` are read, updated with its
@@ -273,19 +269,16 @@ def update_unit_moments(mu: jax.Array, nu: jax.Array,
   Args:
     mu, nu: the moment buffers.
     grads: one gradient per group of ``layout`` (a stacked group's whole
-      leaf); without ``layout``, one per unit.
+      leaf).
     units: the step's per-unit values (:func:`per_unit`; ``restart``
       honoured).
     settings: the Adam hyperparameters.
-    layout: the units' layout (None: every unit unstacked).
+    layout: the units' layout.
 
   Returns:
     ``(mu, nu)``.
   """
-  groups = (layout.groups() if layout is not None else
-            [_layout.UnitGroup(u, u + 1, u, None, ()) for u in
-             range(len(grads))])
-  for group, grad in zip(groups, grads, strict=True):
+  for group, grad in zip(layout.groups(), grads, strict=True):
     if group.axis is None:
       mu, nu = _unit_moments(mu, nu, grad, units.at(group.start), settings)
       continue
@@ -310,16 +303,18 @@ def finite_flags(grads: Sequence[jax.Array]) -> jax.Array:
   """
   if not grads:
     return jnp.zeros([0], bool)
-  return jnp.isfinite(jnp.stack(
-      [jnp.max(jnp.abs(grad)).astype(jnp.float32) for grad in grads]))
+  return jnp.isfinite(jnp.stack([_max_abs(grad) for grad in grads]))
+
+
+def _max_abs(x, axes=None):
+  """float32 ``max |x|`` over ``axes`` (None: all); NaN if any is NaN."""
+  return jnp.max(jnp.abs(x), axis=axes).astype(jnp.float32)
 
 
 def finite_units(layout: _layout.LeafLayout, tree) -> jax.Array:
   """bool[U]: each unit's part of ``tree`` is finite (as
   :func:`finite_flags`; one reduction per stacked leaf)."""
-  return jnp.isfinite(layout.unit_reduce(
-      tree, lambda x, axes: jnp.max(jnp.abs(x), axis=axes).astype(
-          jnp.float32)))
+  return jnp.isfinite(layout.unit_reduce(tree, _max_abs))
 
 
 def unit_norms_squared(layout: _layout.LeafLayout, tree) -> jax.Array:
@@ -420,8 +415,9 @@ def unit_updates(mu: jax.Array, nu: jax.Array, layout: _layout.LeafLayout,
 
   Returns:
     One update per group of ``layout`` (a stacked group's is the whole
-    stacked leaf, built by a ``lax.fori_loop`` over its layers), each in
-    :func:`update_dtype` of its unit.
+    stacked leaf: one expression over its gathered windows, or with
+    ``finish`` or missing layers a ``lax.fori_loop`` over its layers), each
+    in :func:`update_dtype` of its unit.
   """
   updates = []
   for g, group in enumerate(layout.groups()):
@@ -435,7 +431,7 @@ def unit_updates(mu: jax.Array, nu: jax.Array, layout: _layout.LeafLayout,
       continue
     axis = group.axis
     stacked_shape = shape[:axis] + (layout.num_layers(group),) + shape[axis:]
-    if finish is None and group.layers == tuple(range(stacked_shape[axis])):
+    if finish is None and layout.whole_stack(group):
       updates.append(_stacked_update(mu, nu, group, units, shape, size,
                                      out_dtype, settings, param))
       continue

@@ -132,6 +132,10 @@ class LeafLayout(NamedTuple):
     """Layers of a stacked group's leaf."""
     return self.layer_counts[group.position]
 
+  def whole_stack(self, group: "UnitGroup") -> bool:
+    """Whether a stacked group's units are all its leaf's layers, in order."""
+    return group.layers == tuple(range(self.num_layers(group)))
+
   def groups(self) -> tuple:
     """The units as :class:`UnitGroup` s: each stacked leaf's units (which
     are consecutive) form one group, every other unit a group of its own."""
@@ -157,10 +161,8 @@ class LeafLayout(NamedTuple):
       else:
         axes = tuple(i for i in range(leaf.ndim) if i != group.axis)
         per_layer = reduce(leaf, axes)
-        layers = np.asarray(group.layers)
-        parts.append(per_layer if (len(layers) == per_layer.shape[0] and
-                                   (layers == np.arange(len(layers))).all())
-                     else per_layer[layers])
+        parts.append(per_layer if self.whole_stack(group)
+                     else per_layer[np.asarray(group.layers)])
     if not parts:
       return jnp.zeros([0], jnp.float32)
     return jnp.concatenate(parts)
