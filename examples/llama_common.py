@@ -244,6 +244,7 @@ def plot_memory_bars(rows: Sequence[dict], path: Path):
 
 def add_model_arguments(parser, *, hidden_size=128, layers=4):
   """The size flags of the built-in LLaMA, shared by the example scripts."""
+  import argparse
   parser.add_argument("--hidden-size", type=int, default=hidden_size)
   parser.add_argument("--layers", type=int, default=layers)
   parser.add_argument("--heads", type=int, default=4)
@@ -252,7 +253,8 @@ def add_model_arguments(parser, *, hidden_size=128, layers=4):
                       help="raw UTF-8 bytes, or a byte-level BPE trained locally "
                            "on the corpus (saved as tokenizer.json)")
   parser.add_argument("--bpe-vocab", type=int, default=2048)
-  parser.add_argument("--scan-layers", action="store_true",
+  parser.add_argument("--scan-layers", action=argparse.BooleanOptionalAction,
+                      default=False,
                       help="run the decoder layers under nn.scan (parameters "
                            "stacked on a leading axis; the block optimizers "
                            "then get layer_axis=0)")

@@ -130,3 +130,33 @@ def test_demo_runs_on_a_scanned_rematerialised_model(demo, cache_dir, tmp_path):
   for name, row in rows.items():
     losses = row["losses"]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), name
+
+
+def test_demo_fine_tunes_a_gguf_model_in_its_chat_template(demo, tmp_path):
+  """--gguf: a LLaMA GGUF file (Q8_0) with a ChatML tokenizer; prompts go
+  through the chat template, the GGUF defaults apply (scanned layers, batch
+  8), and the block methods train it."""
+  pytest.importorskip("gguf")
+  from safetensors.numpy import load_file
+  from tests.gguf_files import chatml_bpe, write_llama_gguf
+  bpe = chatml_bpe()
+  settings = models.LlamaSettings(vocab_size=len(bpe[0]), hidden_size=32,
+                                  intermediate_size=64, num_attention_heads=2,
+                                  num_key_value_heads=1, tie_word_embeddings=True)
+  params = models.LlamaForCausalLM(settings).init(
+      jax.random.PRNGKey(0), np.zeros((1, 4), np.int32))["params"]
+  models.save_hf_checkpoint(tmp_path / "hf", settings, params)
+  path = write_llama_gguf(tmp_path / "tiny.Q8_0.gguf", models.hf_config_dict(settings),
+                          load_file(tmp_path / "hf" / "model.safetensors"), bpe, "Q8_0")
+  out = demo.main(["--gguf", str(path), "--optimizer", "blockllm", "badam",
+                   "--steps", "12", "--train-examples", "64",
+                   "--eval-examples", "16", "--tasks", "add", "--no-progress",
+                   "--out-dir", str(tmp_path / "out")])
+  settings_used = out["settings"]
+  assert settings_used["scan_layers"] == "True" and settings_used["batch_size"] == "8"
+  # The user turn and the assistant's opening, then at most 3 digits + EOS.
+  assert out["seq_len"] > 20
+  assert (tmp_path / "out" / "results.json").exists()
+  for row in out["results"]:
+    assert np.mean(row["losses"][-4:]) < np.mean(row["losses"][:4]), row["optimizer"]
+    assert 0.0 <= row["exact_match"] <= 1.0

@@ -72,6 +72,8 @@ class HFTokenizer:
     self.pad_id = int(ids["pad"]) if ids["pad"] is not None else self.eos_id
     self.sep_id = int(ids["sep"]) if ids["sep"] is not None else None
     self.vocab_size = len(hf_tokenizer)
+    # Jinja template of the model's chat format, or None (see chat_prompts).
+    self.chat_template = getattr(hf_tokenizer, "chat_template", None) or None
     from tokenizers import Tokenizer
     # A private copy, so that reading specials as text does not change the
     # caller's tokenizer (the flag is not saved in tokenizer.json anyway).
@@ -90,6 +92,36 @@ class HFTokenizer:
     """``[encode(t) for t in texts]``, computed in parallel by ``tokenizers``."""
     encodings = self._encoder.encode_batch(list(texts), add_special_tokens=False)
     return [e.ids for e in encodings]
+
+  def chat_prompts(self, prompts, system: Optional[str] = None) -> list:
+    """Token ids of each prompt as a user turn in the chat template,
+    followed by the opening of the assistant's reply (the generation prompt).
+
+    The template's special tokens (``<|im_start|>``, ...) are encoded as
+    such; the prompt text itself is read literally.
+
+    Args:
+      prompts: user messages.
+      system: a system message; None leaves it to the template (some add a
+        default one).
+
+    Returns:
+      A list of token-id lists.
+
+    Raises:
+      ValueError: when the tokenizer has no chat template.
+    """
+    if not self.chat_template:
+      raise ValueError("This tokenizer has no chat template (chat_template is None).")
+    head = [] if system is None else [{"role": "system", "content": system}]
+    texts = [self.hf_tokenizer.apply_chat_template(
+        head + [{"role": "user", "content": prompt}], tokenize=False,
+        add_generation_prompt=True) for prompt in prompts]
+    # Rendered text contains the template's specials, so they must be parsed
+    # here (the literal encoder would spell them out); a user's prompt that
+    # contains "<|im_end|>" would be parsed too, as transformers does.
+    return [list(e.ids) for e in self.hf_tokenizer.backend_tokenizer.encode_batch(
+        texts, add_special_tokens=False)]
 
   def decode(self, ids) -> str:
     """Text of ``ids`` with special tokens dropped and spacing left as is."""
@@ -193,9 +225,11 @@ def load_tokenizer(path: Union[str, Path]) -> HFTokenizer:
 
   Args:
     path: a folder with ``tokenizer.json`` (e.g. a Hugging Face LLaMA
-      checkpoint; its ``tokenizer_config.json`` names the special tokens), or
-      a ``tokenizer.json`` file (special tokens then found by their usual
-      names such as ``</s>``).
+      checkpoint; its ``tokenizer_config.json`` names the special tokens), a
+      ``tokenizer.json`` file (special tokens then found by their usual
+      names such as ``</s>``), or a ``.gguf`` model file (its tokenizer,
+      special tokens and chat template, read from the metadata; needs the
+      ``gguf`` package).
 
   Returns:
     An :class:`HFTokenizer`.
@@ -207,6 +241,10 @@ def load_tokenizer(path: Union[str, Path]) -> HFTokenizer:
   if not path.exists():
     raise FileNotFoundError(f"No tokenizer at {path}: expected a folder with "
                             "tokenizer.json or a tokenizer.json file.")
+  if path.suffix.lower() == ".gguf" and path.is_file():
+    _require("load_tokenizer")
+    from blockllm_jax.data._gguf import gguf_hf_tokenizer
+    return HFTokenizer(gguf_hf_tokenizer(path))
   if path.is_dir():
     if not (path / "tokenizer.json").is_file():
       found = sorted(p.name for p in path.iterdir() if "token" in p.name)

@@ -1,8 +1,10 @@
 """Instruction examples: a synthetic task and user (prompt, answer) pairs.
 
-Each example is ``BOS prompt SEP answer EOS`` right-padded with the pad id;
-the loss mask covers the answer and EOS only, so fine-tuning is measured by
-exact-match accuracy on held-out prompts.
+Each example is ``BOS prompt SEP answer EOS`` right-padded with the pad id,
+or, for a tokenizer with a chat template (an instruct model's), the prompt
+as a user turn in that template followed by ``answer EOS``; the loss mask
+covers the answer and EOS only, so fine-tuning is measured by exact-match
+accuracy on held-out prompts.
 """
 
 from __future__ import annotations
@@ -55,14 +57,16 @@ class InstructionSet(NamedTuple):
   ``InstructionSet(*(x[:100] for x in examples))``.
   """
 
-  tokens: np.ndarray  # int32[n, seq_len] BOS prompt SEP answer EOS PAD...
+  tokens: np.ndarray  # int32[n, seq_len] BOS prompt SEP answer EOS PAD... (or chat prompt)
   loss_mask: np.ndarray  # float32[n, seq_len] 1 on answer and EOS tokens
-  prompt_length: np.ndarray  # int32[n] tokens up to and including SEP
+  prompt_length: np.ndarray  # int32[n] tokens before the answer
   answers: list  # str[n]
 
 
-def make_instruction_set(num: int, seq_len: int = 24, seed: int = 0,
-                         tasks=tuple(TASKS), tokenizer=None) -> InstructionSet:
+def make_instruction_set(num: int, seq_len: Optional[int] = 24, seed: int = 0,
+                         tasks=tuple(TASKS), tokenizer=None, *,
+                         chat: Optional[bool] = None,
+                         system: Optional[str] = None) -> InstructionSet:
   """Generates ``num`` distinct examples mixed over ``tasks``.
 
   Prompts never repeat, so splitting the result gives held-out prompts.
@@ -71,10 +75,14 @@ def make_instruction_set(num: int, seq_len: int = 24, seed: int = 0,
   Args:
     num: number of examples.
     seq_len: padded length (prompts and answers here need at most 20 byte
-      tokens; a byte-level BPE never needs more tokens than bytes).
+      tokens; a byte-level BPE never needs more tokens than bytes; chat
+      templates add their own); None uses the longest example.
     seed: random seed.
     tasks: names from :data:`TASKS` (a single name is accepted too).
     tokenizer: a :class:`Tokenizer`; None uses :class:`ByteTokenizer`.
+    chat: put each prompt in the tokenizer's chat template (see
+      :func:`encode_instructions`); None does so when it has one.
+    system: the chat's system message; None leaves it to the template.
 
   Returns:
     An :class:`InstructionSet` with ``num`` rows of width ``seq_len``.
@@ -104,11 +112,13 @@ def make_instruction_set(num: int, seq_len: int = 24, seed: int = 0,
     seen.add(prompt)
     pairs.append((prompt, answer))
   return _encode_pairs(pairs, resolve_tokenizer(tokenizer), seq_len,
-                       name="generated example")
+                       name="generated example", chat=chat, system=system)
 
 
 def encode_instructions(pairs: Sequence, tokenizer=None,
-                        seq_len: Optional[int] = None) -> InstructionSet:
+                        seq_len: Optional[int] = None, *,
+                        chat: Optional[bool] = None,
+                        system: Optional[str] = None) -> InstructionSet:
   """Turns (prompt, answer) strings into a padded :class:`InstructionSet`.
 
   Each row is ``BOS prompt SEP answer EOS`` padded with ``pad_id``. Prompt
@@ -117,11 +127,21 @@ def encode_instructions(pairs: Sequence, tokenizer=None,
   tokenizer has no separator token (``sep_id is None``, e.g. a LLaMA
   tokenizer) the separator is ``encode("\\n")`` (:data:`TEXT_SEPARATOR`).
 
+  With a chat template (``chat``, the default for a tokenizer whose
+  ``chat_template`` is set, e.g. an instruct model's from a GGUF file) a row
+  is instead the prompt as a user turn plus the template's opening of the
+  assistant's reply (``tokenizer.chat_prompts``), then ``answer EOS``: the
+  model learns to answer in its own chat format and to end its turn.
+
   Args:
     pairs: a sequence of ``(prompt, answer)`` string pairs.
     tokenizer: a :class:`Tokenizer`; None uses :class:`ByteTokenizer`.
     seq_len: padded width; None uses the longest example. A longer example
       is an error (nothing is truncated silently).
+    chat: True uses the tokenizer's chat template (an error without one),
+      False the ``BOS prompt SEP`` format; None uses the template when the
+      tokenizer has one.
+    system: the chat's system message; None leaves it to the template.
 
   Returns:
     An :class:`InstructionSet`: ``loss_mask`` is 1 on the answer and EOS,
@@ -141,11 +161,22 @@ def encode_instructions(pairs: Sequence, tokenizer=None,
         or not all(isinstance(x, str) for x in pair)):
       raise ValueError(f"pairs[{i}] must be a (prompt, answer) pair of strings; got {pair!r}.")
   return _encode_pairs([tuple(p) for p in pairs], resolve_tokenizer(tokenizer), seq_len,
-                       name="pairs")
+                       name="pairs", chat=chat, system=system)
 
 
-def _encode_pairs(pairs, tokenizer, seq_len, name) -> InstructionSet:
-  """Encodes validated pairs; ``name`` says where they came from in errors."""
+def _prompt_tokens(pairs, tokenizer, chat, system) -> list:
+  """Each row's tokens before its answer: a chat prompt, or BOS prompt SEP."""
+  has_template = bool(getattr(tokenizer, "chat_template", None))
+  if chat is None:
+    chat = has_template
+  if chat:
+    if not has_template:
+      raise ValueError(f"chat=True needs a tokenizer with a chat template; "
+                       f"{type(tokenizer).__name__} has none.")
+    return tokenizer.chat_prompts([p for p, _ in pairs], system=system)
+  if system is not None:
+    raise ValueError("system is a chat message; it needs chat=True (or None with "
+                     "a chat template).")
   if tokenizer.sep_id is not None:
     separator = [tokenizer.sep_id]
   else:
@@ -154,8 +185,15 @@ def _encode_pairs(pairs, tokenizer, seq_len, name) -> InstructionSet:
       raise ValueError(f"The tokenizer has no sep_id and encodes {TEXT_SEPARATOR!r} "
                        "to no tokens; give it a separator token.")
   prompts = encode_many(tokenizer, [p for p, _ in pairs])
+  return [[tokenizer.bos_id, *prompt, *separator] for prompt in prompts]
+
+
+def _encode_pairs(pairs, tokenizer, seq_len, name, chat=None,
+                  system=None) -> InstructionSet:
+  """Encodes validated pairs; ``name`` says where they came from in errors."""
+  prompts = _prompt_tokens(pairs, tokenizer, chat, system)
   answers = encode_many(tokenizer, [a for _, a in pairs])
-  prompt_length = np.array([1 + len(p) + len(separator) for p in prompts], np.int32)
+  prompt_length = np.array([len(p) for p in prompts], np.int32)
   total_length = prompt_length + np.array([len(a) + 1 for a in answers], np.int32)
   longest = int(total_length.max()) if len(pairs) else 0
   if seq_len is None:
@@ -171,7 +209,7 @@ def _encode_pairs(pairs, tokenizer, seq_len, name) -> InstructionSet:
   tokens = np.full((len(pairs), seq_len), tokenizer.pad_id, np.int32)
   mask = np.zeros((len(pairs), seq_len), np.float32)
   for i, (prompt, answer) in enumerate(zip(prompts, answers)):
-    full = [tokenizer.bos_id, *prompt, *separator, *answer, tokenizer.eos_id]
+    full = [*prompt, *answer, tokenizer.eos_id]
     tokens[i, :len(full)] = full
     mask[i, prompt_length[i]:len(full)] = 1.0
   return InstructionSet(tokens, mask, prompt_length, [a for _, a in pairs])

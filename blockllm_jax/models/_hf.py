@@ -210,7 +210,7 @@ def hf_config_dict(settings: LlamaSettings, dtype: Any = None) -> dict:
   return config
 
 
-def _layout(s: LlamaSettings) -> dict:
+def hf_layout(s: LlamaSettings) -> dict:
   """HF tensor name -> (Flax path, HF shape, transposed?), in module order."""
   q, kv = s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
   h, i = s.hidden_size, s.intermediate_size
@@ -285,7 +285,7 @@ def load_hf_checkpoint(path: Union[str, Path], dtype: Any = None, *,
   folder = Path(path)
   settings = settings_from_hf_config(json.loads((folder / "config.json").read_text()))
   files = _weight_files(folder)
-  layout = _layout(settings)
+  layout = hf_layout(settings)
   # Ignorable: rotary buffers some old exports saved, and a stored copy of a
   # tied head (transformers ties it to the embedding and ignores it too).
   ignored = {n for n in files if n.endswith(".rotary_emb.inv_freq") or
@@ -314,7 +314,15 @@ def load_hf_checkpoint(path: Union[str, Path], dtype: Any = None, *,
         if dtype is not None:
           tensor = tensor.astype(np.dtype(dtype))
         flat[flax_path] = jnp.asarray(tensor)
-  params = traverse_util.unflatten_dict(flat)
+  return finish_loaded(settings, traverse_util.unflatten_dict(flat),
+                       scan_layers=scan_layers, lora_rank=lora_rank,
+                       lora_alpha=lora_alpha, lora_targets=lora_targets, rng=rng)
+
+
+def finish_loaded(settings: LlamaSettings, params, *, scan_layers: bool,
+                  lora_rank: int, lora_alpha: float, lora_targets, rng):
+  """The loaders' shared last step: the scanned layout and fresh LoRA
+  adapters, as their ``scan_layers`` / ``lora_*`` arguments ask."""
   if scan_layers:
     settings = dataclasses.replace(settings, scan_layers=True)
     params = stack_layers(params, settings.num_hidden_layers)
@@ -373,7 +381,7 @@ def save_hf_checkpoint(path: Union[str, Path], settings: LlamaSettings, params,
     settings = dataclasses.replace(settings, scan_layers=False)
     params = unstack_layers(params)
   flat = traverse_util.flatten_dict(params)
-  layout = _layout(settings)
+  layout = hf_layout(settings)
   expected = {p: (name, shape) for name, (p, shape, _) in layout.items()}
   as_str = lambda paths: _names("/".join(p) for p in paths)
   if flat.keys() - expected.keys():
