@@ -38,6 +38,7 @@ from blockllm_jax import _engine
 from blockllm_jax import _introspect
 from blockllm_jax import _layout
 from blockllm_jax import _lean
+from blockllm_jax import _nnx
 from blockllm_jax import _sharding
 from blockllm_jax import _validation
 
@@ -201,6 +202,7 @@ def _scale_by_block_adam(
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
     del extra_args
+    updates = _nnx.resolve(updates)  # nnx.Optimizer passes lean stand-ins on
     if param_sharding is None:
       return local_update(updates, state, params, value)
 

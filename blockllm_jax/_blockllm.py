@@ -21,6 +21,7 @@ from blockllm_jax import _engine
 from blockllm_jax import _introspect
 from blockllm_jax import _layout
 from blockllm_jax import _lean
+from blockllm_jax import _nnx
 from blockllm_jax import _loss_trigger
 from blockllm_jax import _sharding
 from blockllm_jax import _validation
@@ -261,6 +262,7 @@ def scale_by_blockllm(
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
     del extra_args
+    updates = _nnx.resolve(updates)  # nnx.Optimizer passes lean stand-ins on
     if value is None:
       raise _engine.missing_loss_error("BlockLLM")
     if param_sharding is None:

@@ -29,6 +29,7 @@ parameter. Everything stays inside one compiled step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import warnings
@@ -46,6 +47,7 @@ from jax.sharding import PartitionSpec as P
 from blockllm_jax import _engine
 from blockllm_jax import _introspect
 from blockllm_jax import _layout
+from blockllm_jax import _nnx
 
 # Offsets travel through a float32 cotangent as ``high * 2**12 + low``, both
 # parts exact integers in float32 (< 2**24), which covers offsets < 2**36.
@@ -293,8 +295,9 @@ def _is_plain_dense(module) -> bool:
 
 
 class _DenseInterceptor:
-  """``nn.intercept_methods`` hook routing plain ``nn.Dense`` calls whose
-  kernel is one of our leaves to ``dense(module, inputs, slot)``.
+  """Routes plain ``nn.Dense`` (linen, an ``nn.intercept_methods`` hook) and
+  ``nnx.Linear`` calls whose kernel is one of our leaves to ``dense(module,
+  inputs, kernel, slot)``; see :meth:`installed`.
 
   A call is taken only at the trace level of the loss function: inside
   ``nn.remat``, ``nn.scan``, ``vmap`` etc. the kernel is another object or
@@ -309,6 +312,12 @@ class _DenseInterceptor:
     # Dense calls not taken over: module path -> why (for the warning).
     self.passed_over: dict = {}
 
+  @contextlib.contextmanager
+  def installed(self):
+    """Active while the loss function is traced: linen and NNX hooks."""
+    with nn.intercept_methods(self), _nnx.linear_hook(self):
+      yield
+
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
     if (context.method_name != "__call__" or not _is_plain_dense(module)
@@ -317,23 +326,28 @@ class _DenseInterceptor:
     if not module.has_variable("params", "kernel"):
       return next_fun(*args, **kwargs)  # initialisation
     kernel = module.get_variable("params", "kernel")
+    bias = (module.get_variable("params", "bias") if module.use_bias
+            else None)
+    where = lambda: "/".join(str(p) for p in (module.scope.path if module.scope
+                                               else ())) or type(module).__name__
+    outputs = self.take(module, args[0], kernel, bias, module.dtype, where)
+    return next_fun(*args, **kwargs) if outputs is None else outputs
+
+  def take(self, module, inputs, kernel, bias, dtype, where: Callable[[], str]):
+    """The layer's outputs through ``dense``, or None (recorded in
+    ``passed_over`` under ``where()``) when the call is not ours to take."""
     slot = self.slot_of_object.get(id(kernel))
     same_trace = (jex_core.get_opaque_trace_state(convention="flax")
                   == self.trace_state)
     if slot is None or not same_trace:
-      where = "/".join(str(p) for p in (module.scope.path if module.scope
-                                         else ()))
-      self.passed_over[where or type(module).__name__] = (
+      self.passed_over[where()] = (
           "inside a transformed function (nn.scan, nn.remat, vmap, ...)"
           if not same_trace else "its kernel is not a parameter leaf")
-      return next_fun(*args, **kwargs)
+      return None
     self.calls[slot] = self.calls.get(slot, 0) + 1
-    bias = (module.get_variable("params", "bias") if module.use_bias
-            else None)
-    # Promotion as nn.Dense does it, but the kernel is cast by `dense`, so
+    # Promotion as the layer does it, but the kernel is cast by `dense`, so
     # that planning sees no operation on the leaf itself.
-    inputs = args[0]
-    dtype = module.dtype or jnp.result_type(
+    dtype = dtype or jnp.result_type(
         *[a for a in (inputs, kernel, bias) if a is not None])
     inputs = jnp.asarray(inputs, dtype)
     bias = None if bias is None else jnp.asarray(bias, dtype)
@@ -578,6 +592,15 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
     ``fn(params, opt_state, *args, **kwargs) -> (loss, grads)`` (``((loss,
     aux), grads)`` with ``has_aux``); ``opt_state`` is the state of the
     optimizer that will consume ``grads`` (or a state containing it).
+    With Flax NNX it is ``fn(model, optimizer, *args, **kwargs)``: ``model``
+    an ``nnx.Module``, ``optimizer`` the ``nnx.Optimizer`` holding our
+    transformation, ``loss_fn(model, *args, **kwargs)``; ``grads`` is an
+    ``nnx.State`` of the ``optimizer.wrt`` parameters (its leaves stand for
+    the deferred gradient) to pass to ``optimizer.update(model, grads,
+    value=loss)``. Compute-lean then takes over ``nnx.Linear`` calls
+    (``nnx.LinearGeneral`` / ``nnx.Einsum`` keep the gradient-lean path, with
+    a warning); state other than the parameters that ``loss_fn`` changes
+    (e.g. batch statistics) is not written back to ``model``.
 
   Example:
     >>> tx = blockllm_jax.blockllm(1e-3, sparsity=0.9)
@@ -588,10 +611,40 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
     ...   updates, opt_state = tx.update(grads, opt_state, params, value=loss)
     ...   return optax.apply_updates(params, updates), opt_state, loss
 
+  NNX example::
+
+    optimizer = nnx.Optimizer(model, blockllm_jax.blockllm(1e-3), wrt=nnx.Param)
+    grad_fn = blockllm_jax.lean_value_and_grad(loss_fn)  # loss_fn(model, batch)
+
+    @nnx.jit
+    def train_step(model, optimizer, batch):
+      loss, grads = grad_fn(model, optimizer, batch)
+      optimizer.update(model, grads, value=loss)
+      return loss
+
   References:
     Ramesh et al., 2024 (BlockLLM). https://arxiv.org/abs/2406.17296
     Luo, Yu and Li, 2024 (BAdam). https://arxiv.org/abs/2404.02827
   """
+
+  functional = lambda fn: _functional(fn, has_aux, compute_lean, warn)
+
+  def value_and_lean_grad(params, opt_state, *args, **kwargs):
+    if _nnx.is_module(params):
+      return _nnx.lean_call(functional, loss_fn, params, opt_state, args, kwargs)
+    if _nnx.is_optimizer(opt_state):
+      raise TypeError(
+          "lean_value_and_grad(loss_fn)(model, optimizer, ...): with an "
+          "nnx.Optimizer, `model` must be the nnx Module it was built for; got "
+          f"{type(params).__name__}.")
+    return functional(loss_fn)(params, opt_state, *args, **kwargs)
+
+  return value_and_lean_grad
+
+
+def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
+                warn: bool) -> Callable:
+  """:func:`lean_value_and_grad` on a parameter pytree and optax state."""
 
   def value_and_lean_grad(params, opt_state, *args, **kwargs):
     inner = _introspect.find_state(opt_state)
@@ -641,7 +694,7 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
         return outputs
 
       interceptor = _DenseInterceptor(slot_of_object, dense)
-      with nn.intercept_methods(interceptor):
+      with interceptor.installed():
         loss, aux = call_loss(treedef.unflatten(tree_leaves))
       missing = [s for s in lean_slots if tokens[s] is None]
       if missing:
@@ -699,7 +752,7 @@ def _plan_compute_lean(call_loss, flat, treedef, slot_leaves, paths):
       return _contract(inputs, copy, module.precision)
 
     interceptor = _DenseInterceptor(slot_of_object, dense)
-    with nn.intercept_methods(interceptor):
+    with interceptor.installed():
       loss, _ = call_loss(treedef.unflatten(tree_leaves))
     recorded.update(interceptor.calls)
     passed_over.update(interceptor.passed_over)
