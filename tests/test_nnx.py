@@ -145,3 +145,13 @@ def test_nnx_misuse_gets_clear_errors():
   with pytest.raises(TypeError):
     optax.adam(1e-3).update(nnx.as_pure(grads), adam.tx.init(
         nnx.as_pure(nnx.state(model, nnx.Param))))
+
+
+def test_nnx_example_runs_and_lean_matches_plain():
+  from tests.test_finetune_demo import load_example
+  rows = load_example("nnx_train").main(
+      ["--steps", "4", "--width", "32", "--depth", "2", "--seq-len", "16",
+       "--batch-size", "4", "--no-progress"])
+  by = {row[0]: row for row in rows}
+  assert set(by) == {"adamw", "blockllm", "blockllm-lean"}
+  assert by["blockllm"][1] == by["blockllm-lean"][1]  # same loss, 4 decimals
