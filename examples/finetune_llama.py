@@ -50,6 +50,7 @@ from blockllm_jax import models
 from blockllm_jax.models import LlamaForCausalLM, causal_lm_loss
 
 OPTIMIZERS = ("blockllm", "adamw", "lora", "badam", "bread")
+BLOCK_METHODS = ("blockllm", "badam", "bread")
 DEFAULT_OPTIMIZERS = ("blockllm", "adamw")
 # Defaults per kind of model: the built-in one pretrained here, and a real
 # pretrained checkpoint read from GGUF (--model smollm2 / --gguf).
@@ -128,6 +129,9 @@ def parse_args(argv=None):
                  default="random", help="BAdam / BREAD: order of the blocks")
   p.add_argument("--correction-scale", type=float, default=1.0,
                  help="BREAD: SGD step of the inactive blocks, as a multiple of --lr")
+  p.add_argument("--lean", action="store_true",
+                 help="BlockLLM / BAdam / BREAD: lean train steps "
+                      "(bl.lean_value_and_grad; needs --no-scan-layers)")
   p.add_argument("--lora-rank", type=int, default=8)
   p.add_argument("--lora-alpha", type=float, default=16.0)
   p.add_argument("--train-examples", type=int, default=None,
@@ -157,6 +161,9 @@ def parse_args(argv=None):
   for name, value in PRESETS[args.preset].items():
     if getattr(args, name, None) is None:
       setattr(args, name, value)
+  if args.lean and args.scan_layers:
+    p.error("--lean needs unrolled layers (--no-scan-layers): lean steps inside "
+            "nn.scan are not supported yet.")
   if args.out_dir is None:
     args.out_dir = Path("runs") / ("finetune" if args.gguf is None else
                                    f"finetune_{args.gguf.stem.split('.')[0].lower()}")
@@ -318,8 +325,16 @@ def finetune(model, params, name, train, args):
   def loss_fn(params, tokens, mask):
     return causal_lm_loss(model.apply({"params": params}, tokens), tokens, mask)
 
+  # The lean step: the optimizer runs the backward pass and computes only
+  # the gradients it uses (no full gradient tree, no weight-gradient matmul
+  # for unselected layers); same updates as the plain step.
+  lean = args.lean and name in BLOCK_METHODS
+
   def step(params, state, tokens, mask):
-    loss, grads = jax.value_and_grad(loss_fn)(params, tokens, mask)
+    if lean:
+      loss, grads = bl.lean_value_and_grad(loss_fn)(params, state, tokens, mask)
+    else:
+      loss, grads = jax.value_and_grad(loss_fn)(params, tokens, mask)
     updates, state = tx.update(grads, state, params, value=loss)
     return optax.apply_updates(params, updates), state, loss
 
@@ -339,7 +354,7 @@ def finetune(model, params, name, train, args):
       resume=args.resume, progress=not args.no_progress)
   checkpoints.close()
   result = {
-      "optimizer": name, "losses": losses,
+      "optimizer": name + ("-lean" if lean else ""), "losses": losses,
       "final_loss": float(np.mean(losses[-20:])),
       "state_bytes": bl.state_bytes(state), "step_memory": memory.total,
       "median_step_ms": common.median_step_ms(seconds),

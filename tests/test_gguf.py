@@ -21,6 +21,7 @@ from blockllm_jax import models  # noqa: E402
 
 from tests.gguf_files import chatml_bpe  # noqa: E402
 from tests.gguf_files import write_llama_gguf  # noqa: E402
+from tests.test_hf_checkpoint import _hf_model as hf_llama  # noqa: E402
 
 HEADS, KV_HEADS = 4, 2
 TEXT = "The capital of France is Paris; 12 + 35 = 47, don't you think?\n  Yes."
@@ -32,18 +33,11 @@ def bpe():
 
 
 def _hf_model(vocab, tie):
-  config = transformers.LlamaConfig(
-      vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, rope_theta=50000.0,
-      rms_norm_eps=1e-5, tie_word_embeddings=tie, max_position_embeddings=128,
-      attn_implementation="eager")
-  torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(config).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name
-              else 0.1 * torch.randn_like(p))
-  return model
+  """A random transformers LLaMA (norms included), GQA, rope theta 5e4."""
+  return hf_llama(vocab_size=vocab, hidden_size=64, intermediate_size=96,
+                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                  rope_theta=50000.0, rms_norm_eps=1e-5, tie_word_embeddings=tie,
+                  max_position_embeddings=128)
 
 
 def _write_gguf(path, model, bpe, qtype, **options):
