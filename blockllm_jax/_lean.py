@@ -599,8 +599,8 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
     the deferred gradient) to pass to ``optimizer.update(model, grads,
     value=loss)``. Compute-lean then takes over ``nnx.Linear`` calls
     (``nnx.LinearGeneral`` / ``nnx.Einsum`` keep the gradient-lean path, with
-    a warning); state other than the parameters that ``loss_fn`` changes
-    (e.g. batch statistics) is not written back to ``model``.
+    a warning); other state ``loss_fn`` changes (dropout RNG counters,
+    batch statistics) is written back to ``model`` as with ``nnx.grad``.
 
   Example:
     >>> tx = blockllm_jax.blockllm(1e-3, sparsity=0.9)
@@ -627,17 +627,36 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
     Luo, Yu and Li, 2024 (BAdam). https://arxiv.org/abs/2404.02827
   """
 
-  functional = lambda fn: _functional(fn, has_aux, compute_lean, warn)
+  def nnx_functional(pure_loss):
+    """The functional step for ``pure_loss -> (the user's output, model
+    state)``: run with ``has_aux=True``, the state carried beside the
+    user's aux; returns ``((output, model state), grads)``."""
+
+    def with_state(tree, *inner_args, **inner_kwargs):
+      out, model_state = pure_loss(tree, *inner_args, **inner_kwargs)
+      loss, aux = out if has_aux else (out, None)
+      return loss, (aux, model_state)
+
+    inner = _functional(with_state, True, compute_lean, warn)
+
+    def call(params, opt_state, *inner_args, **inner_kwargs):
+      (loss, (aux, model_state)), grads = inner(params, opt_state, *inner_args,
+                                                **inner_kwargs)
+      return (((loss, aux) if has_aux else loss), model_state), grads
+    return call
+
+  functional = _functional(loss_fn, has_aux, compute_lean, warn)
 
   def value_and_lean_grad(params, opt_state, *args, **kwargs):
     if _nnx.is_module(params):
-      return _nnx.lean_call(functional, loss_fn, params, opt_state, args, kwargs)
+      return _nnx.lean_call(nnx_functional, loss_fn, params, opt_state, args,
+                            kwargs)
     if _nnx.is_optimizer(opt_state):
       raise TypeError(
           "lean_value_and_grad(loss_fn)(model, optimizer, ...): with an "
           "nnx.Optimizer, `model` must be the nnx Module it was built for; got "
           f"{type(params).__name__}.")
-    return functional(loss_fn)(params, opt_state, *args, **kwargs)
+    return functional(params, opt_state, *args, **kwargs)
 
   return value_and_lean_grad
 

@@ -78,7 +78,12 @@ def is_optimizer(value) -> bool:
 def lean_call(functional: Callable, loss_fn: Callable, model, optimizer,
               args, kwargs):
   """``functional(pure_loss)(params, opt_state, *args, **kwargs)`` for an
-  NNX model; returns its loss output and an ``nnx.State`` of stand-ins."""
+  NNX model; returns its loss output and an ``nnx.State`` of stand-ins.
+
+  ``functional(pure_loss)`` runs ``pure_loss``, which returns ``(the
+  user's output, the model's non-parameter state after the call)``; that
+  state is written back to ``model``, as ``nnx.value_and_grad`` would.
+  """
   from flax import nnx
   if not isinstance(optimizer, nnx.Optimizer):
     raise TypeError(
@@ -87,6 +92,9 @@ def lean_call(functional: Callable, loss_fn: Callable, model, optimizer,
         f"{type(optimizer).__name__}.")
   graphdef, param_state, rest = nnx.split(model, optimizer.wrt, ...)
   params = nnx.as_pure(param_state)
+  # Arrays, not the model's Variables: the loss runs in the backward
+  # pass's traces, where the model's own Variables must not be mutated.
+  rest = nnx.as_pure(rest)
   opt_state = nnx.as_pure(optimizer.opt_state)
   from blockllm_jax import _introspect
   try:
@@ -98,9 +106,14 @@ def lean_call(functional: Callable, loss_fn: Callable, model, optimizer,
         f"{type(optimizer.tx).__name__}.") from None
 
   def pure_loss(tree, *inner_args, **inner_kwargs):
-    return loss_fn(nnx.merge(graphdef, tree, rest), *inner_args, **inner_kwargs)
+    merged = nnx.merge(graphdef, tree, rest)
+    out = loss_fn(merged, *inner_args, **inner_kwargs)
+    # What the call changed besides the parameters (RNG counters of
+    # dropout, batch statistics, ...) goes back to the user's model.
+    return out, nnx.as_pure(nnx.state(merged, nnx.Not(optimizer.wrt)))
 
-  out, lean = functional(pure_loss)(params, opt_state, *args, **kwargs)
+  (out, new_rest), lean = functional(pure_loss)(params, opt_state, *args, **kwargs)
+  nnx.update(model, new_rest)
   stand_in = LeanStandIn(lean)
   grads = jax.tree.map(lambda v: v.replace(stand_in), param_state,
                        is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -155,3 +155,44 @@ def test_nnx_example_runs_and_lean_matches_plain():
   by = {row[0]: row for row in rows}
   assert set(by) == {"adamw", "blockllm", "blockllm-lean"}
   assert by["blockllm"][1] == by["blockllm-lean"][1]  # same loss, 4 decimals
+
+
+class Dropped(nnx.Module):
+  """A model with state besides its parameters: a dropout RNG stream and a
+  call counter, both advanced by every call."""
+
+  def __init__(self, rngs):
+    self.body = MLP(rngs)
+    self.dropout = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=1))
+    self.calls = nnx.Variable(jnp.zeros((), jnp.int32))
+
+  def __call__(self, x):
+    self.calls[...] += 1
+    return self.body(self.dropout(x))
+
+
+def test_lean_writes_back_model_state_like_value_and_grad():
+  """Dropout draws a new mask every step on both paths, and the steps stay
+  equal: the state the loss changes reaches the user's model."""
+  results = []
+  for lean in (True, False):
+    model = Dropped(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, OPTIMIZERS["blockllm"](), wrt=nnx.Param)
+    grad_fn = bl.lean_value_and_grad(loss_fn) if lean else nnx.value_and_grad(loss_fn)
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+      if lean:
+        loss, grads = grad_fn(model, optimizer, x, y)
+      else:
+        loss, grads = grad_fn(model, x, y)
+      optimizer.update(model, grads, value=loss)
+      return loss
+
+    x, y = batch(0)  # the same batch: only the dropout mask changes
+    results.append(([float(train_step(model, optimizer, x, y)) for _ in range(4)],
+                    int(model.calls[...])))
+  (lean_losses, lean_calls), (plain_losses, plain_calls) = results
+  assert lean_calls == plain_calls == 4
+  np.testing.assert_allclose(lean_losses, plain_losses, rtol=1e-5)
+  assert len(set(np.round(lean_losses, 6))) == 4
