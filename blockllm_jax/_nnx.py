@@ -122,7 +122,6 @@ def lean_call(functional: Callable, loss_fn: Callable, model, optimizer,
 
 def _is_plain_linear(module) -> bool:
   """An ``nnx.Linear`` whose product we reproduce exactly."""
-  from flax import nnx
   from flax.nnx.nn import dtypes
   return (module.dot_general is jax.lax.dot_general
           and module.promote_dtype is dtypes.promote_dtype
