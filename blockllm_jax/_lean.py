@@ -320,16 +320,18 @@ class _DenseInterceptor:
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
-    if (context.method_name != "__call__" or not _is_plain_dense(module)
-        or len(args) != 1 or kwargs):
+    if (context.method_name != "__call__" or not isinstance(module, nn.Dense)
+        or not module.has_variable("params", "kernel")):  # or initialisation
       return next_fun(*args, **kwargs)
-    if not module.has_variable("params", "kernel"):
-      return next_fun(*args, **kwargs)  # initialisation
+    where = lambda: "/".join(str(p) for p in (module.scope.path if module.scope
+                                               else ())) or type(module).__name__
+    if not _is_plain_dense(module) or len(args) != 1 or kwargs:
+      self.passed_over[where()] = ("a custom __call__ / dot_general / "
+                                   "promote_dtype or call arguments")
+      return next_fun(*args, **kwargs)
     kernel = module.get_variable("params", "kernel")
     bias = (module.get_variable("params", "bias") if module.use_bias
             else None)
-    where = lambda: "/".join(str(p) for p in (module.scope.path if module.scope
-                                               else ())) or type(module).__name__
     outputs = self.take(module, args[0], kernel, bias, module.dtype, where)
     return next_fun(*args, **kwargs) if outputs is None else outputs
 

@@ -60,18 +60,12 @@ def resolve(updates: Any) -> Any:
 
 
 def is_module(value) -> bool:
-  try:
-    from flax import nnx
-  except ImportError:  # flax without nnx
-    return False
+  from flax import nnx  # imported on first use: plain Optax users never pay for it
   return isinstance(value, nnx.Module)
 
 
 def is_optimizer(value) -> bool:
-  try:
-    from flax import nnx
-  except ImportError:
-    return False
+  from flax import nnx
   return isinstance(value, nnx.Optimizer)
 
 
@@ -132,19 +126,18 @@ def _is_plain_linear(module) -> bool:
 def linear_hook(interceptor):
   """Routes ``nnx.Linear`` calls to ``interceptor.take`` while active, and
   records ``nnx.LinearGeneral`` / ``nnx.Einsum`` calls as not taken over."""
-  try:
-    from flax import nnx
-  except ImportError:
-    yield
-    return
+  from flax import nnx
   original = nnx.Linear.__call__
   others = {cls: cls.__call__ for cls in (nnx.LinearGeneral, nnx.Einsum)}
 
   def linear_call(module, inputs, *args, **kwargs):
+    kernel = module.kernel.get_value()
     if (args or any(v is not None for v in kwargs.values())
         or not _is_plain_linear(module)):
+      interceptor.passed_over[f"nnx.Linear{tuple(kernel.shape)}"] = (
+          "a custom dot_general / promote_dtype / preferred_element_type or "
+          "call arguments")
       return original(module, inputs, *args, **kwargs)
-    kernel = module.kernel.get_value()
     bias = module.bias.get_value() if module.bias is not None else None
     outputs = interceptor.take(
         module, inputs, kernel, bias, module.dtype,
