@@ -299,7 +299,7 @@ def _scale_by_block_adam(
     units = _engine.per_unit(offset, adam & finite, count, settings,
                              flag=corrected & finite,
                              restart=schedule.switch & ~is_always,
-                             layout=layout)
+                             layout=layout, salt=state.count)
     if packed is None:
       mu, nu = _engine.update_unit_moments(state.mu, state.nu, grads, units,
                                            settings, layout)
@@ -307,7 +307,8 @@ def _scale_by_block_adam(
       restart = schedule.switch & (jnp.arange(plan.capacity)
                                    >= plan.always_total)
       mu, nu = _engine.update_moments(state.mu, state.nu, packed, finite,
-                                      settings, restart=restart)
+                                      settings, restart=restart,
+                                      salt=units.salt)
     leaf_params = (layout.group_leaves(params)
                    if settings.use_weight_decay else None)
     leaf_updates = _engine.unit_updates(mu, nu, layout, units, settings,

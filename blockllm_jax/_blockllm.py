@@ -343,7 +343,7 @@ def scale_by_blockllm(
     active = selection.selected & finite
     leaf_count = selection.leaf_count + active.astype(jnp.int32)
     units = _engine.per_unit(selection.offset, active, leaf_count, settings,
-                             layout=layout)
+                             layout=layout, salt=state.count)
     if lean:
       # The packed gradient holds the selected leaves up to `used`; the
       # tail of the buffers is left as it is.
@@ -351,7 +351,7 @@ def scale_by_blockllm(
                                jnp.asarray(sizes, jnp.int32), 0))
       mu, nu = _engine.update_moments(
           selection.mu, selection.nu, packed,
-          (jnp.arange(capacity) < used) & finite, settings)
+          (jnp.arange(capacity) < used) & finite, settings, salt=units.salt)
     else:
       mu, nu = _engine.update_unit_moments(selection.mu, selection.nu, grads,
                                            units, settings, layout)

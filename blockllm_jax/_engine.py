@@ -159,6 +159,7 @@ class Units(NamedTuple):
 
   vectors: Unit  # each field [U] (or None)
   scalars: dict  # unit index -> Unit, for unstacked units
+  salt: Optional[jax.Array] = None  # int32[] step seed of moment rounding
 
   def at(self, unit) -> Unit:
     """Unit ``unit``'s values: its scalars, or (an index inside a loop over
@@ -175,7 +176,8 @@ class Units(NamedTuple):
 def per_unit(offset: jax.Array, active: jax.Array, count: jax.Array,
              settings: AdamSettings, flag: Optional[jax.Array] = None,
              restart: Optional[jax.Array] = None, *,
-             layout: _layout.LeafLayout) -> Units:
+             layout: _layout.LeafLayout,
+             salt: Optional[jax.Array] = None) -> Units:
   """The per-unit values of one step.
 
   Args:
@@ -192,6 +194,8 @@ def per_unit(offset: jax.Array, active: jax.Array, count: jax.Array,
     restart: optional bool[U]: units whose moments restart from zero.
     layout: the units' layout; units that are layers of a stacked leaf get
       no scalars of their own (a loop over the layers reads the vectors).
+    salt: int32[] a value that differs between steps (the step count): the
+      seed of the stochastic rounding of moments narrower than float32.
   """
   count = jnp.maximum(count, 1)  # inactive units: a harmless correction
   bias1 = (1 - settings.b1**count).astype(jnp.float32)
@@ -200,7 +204,7 @@ def per_unit(offset: jax.Array, active: jax.Array, count: jax.Array,
                  bias2=bias2, flag=flag, restart=restart)
   singles = [g.start for g in layout.groups() if g.axis is None]
   if not singles:
-    return Units(vectors, {})
+    return Units(vectors, {}, salt)
   index = np.asarray(singles)
   ints = [v.astype(jnp.int32)[index] for v in (offset, active)]
   optional = [v for v in (flag, restart) if v is not None]
@@ -213,7 +217,7 @@ def per_unit(offset: jax.Array, active: jax.Array, count: jax.Array,
         offset=row[2], active=row[3] > 0, bias1=row[0], bias2=row[1],
         flag=next(extra) > 0 if flag is not None else None,
         restart=next(extra) > 0 if restart is not None else None)
-  return Units(vectors, scalars)
+  return Units(vectors, scalars, salt)
 
 
 def _layer_loop(group: _layout.UnitGroup, body, carry):
@@ -237,21 +241,44 @@ def _moments(grad, mu, nu, settings: AdamSettings, restart=None):
           (1 - settings.b2) * (grad**2) + settings.b2 * nu)
 
 
-def _unit_moments(mu, nu, grad, unit: Unit, settings: AdamSettings):
+def _wide(dtype) -> jnp.dtype:
+  """The dtype moments are computed in: float32, or the moments' if wider."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _store(new, old, apply, position, salt):
+  """``where(apply, new, old)`` in ``old``'s dtype. A moment narrower than
+  float32 is rounded stochastically (unbiased): rounded to nearest, a
+  bfloat16 ``nu`` stops moving once ``(1 - b2) g**2`` falls below half its
+  ulp (b2 = 0.999: at about half its steady value) and never decays."""
+  dtype = old.dtype
+  if jnp.dtype(dtype).itemsize < 4 and salt is not None:
+    new = _rounding.round_with_bits(new, dtype, _rounding.hashed_bits(
+        position, salt[0], stream=salt[1]))
+  return jnp.where(apply, new.astype(dtype), old)
+
+
+def _unit_moments(mu, nu, grad, unit: Unit, settings: AdamSettings, salt):
   """One unit's windows of ``mu`` / ``nu`` updated from its gradient, in
   place (an inactive unit writes back what it read)."""
-  flat = grad.reshape(-1).astype(mu.dtype)
+  flat = grad.reshape(-1).astype(_wide(mu.dtype))
   size = flat.shape[0]
   old_mu = _compact.read_leaf(mu, unit.offset, size)
   old_nu = _compact.read_leaf(nu, unit.offset, size)
-  new_mu, new_nu = _moments(flat, old_mu, old_nu, settings, unit.restart)
+  new_mu, new_nu = _moments(flat, old_mu.astype(flat.dtype),
+                            old_nu.astype(flat.dtype), settings, unit.restart)
+  position = unit.offset + lax.iota(jnp.int32, size)
   mu = lax.dynamic_update_slice(
-      mu, jnp.where(unit.active, new_mu, old_mu).astype(mu.dtype),
+      mu, _store(new_mu, old_mu, unit.active, position, _salted(salt, 0)),
       (unit.offset,))
   nu = lax.dynamic_update_slice(
-      nu, jnp.where(unit.active, new_nu, old_nu).astype(nu.dtype),
+      nu, _store(new_nu, old_nu, unit.active, position, _salted(salt, 1)),
       (unit.offset,))
   return mu, nu
+
+
+def _salted(salt, stream: int):
+  return None if salt is None else (salt, stream)
 
 
 def update_unit_moments(mu: jax.Array, nu: jax.Array,
@@ -280,14 +307,15 @@ def update_unit_moments(mu: jax.Array, nu: jax.Array,
   """
   for group, grad in zip(layout.groups(), grads, strict=True):
     if group.axis is None:
-      mu, nu = _unit_moments(mu, nu, grad, units.at(group.start), settings)
+      mu, nu = _unit_moments(mu, nu, grad, units.at(group.start), settings,
+                             units.salt)
       continue
 
     def body(k, unit, layer, buffers, grad=grad, axis=group.axis):
       del k
       return _unit_moments(
           *buffers, lax.dynamic_index_in_dim(grad, layer, axis, False),
-          units.at(unit), settings)
+          units.at(unit), settings, units.salt)
 
     mu, nu = _layer_loop(group, body, (mu, nu))
   return mu, nu
@@ -326,7 +354,8 @@ def unit_norms_squared(layout: _layout.LeafLayout, tree) -> jax.Array:
 
 def update_moments(mu: jax.Array, nu: jax.Array, packed: jax.Array,
                    apply: jax.Array, settings: AdamSettings,
-                   restart: Optional[jax.Array] = None):
+                   restart: Optional[jax.Array] = None,
+                   salt: Optional[jax.Array] = None):
   """Adam's moment update of the whole buffer from a packed gradient (the
   lean taps' output), in place.
 
@@ -338,21 +367,26 @@ def update_moments(mu: jax.Array, nu: jax.Array, packed: jax.Array,
     settings: the Adam hyperparameters.
     restart: optional bool[capacity]: coordinates whose moments restart
       from zero in this step.
+    salt: see :func:`per_unit`.
 
   Returns:
     ``(mu, nu)``.
   """
-  new_mu, new_nu = _moments(packed, mu, nu, settings, restart)
-  return (jnp.where(apply, new_mu, mu).astype(mu.dtype),
-          jnp.where(apply, new_nu, nu).astype(nu.dtype))
+  wide = _wide(mu.dtype)
+  new_mu, new_nu = _moments(packed.astype(wide), mu.astype(wide),
+                            nu.astype(wide), settings, restart)
+  position = lax.iota(jnp.int32, mu.shape[0])
+  return (_store(new_mu, mu, apply, position, _salted(salt, 0)),
+          _store(new_nu, nu, apply, position, _salted(salt, 1)))
 
 
 def adam_direction(mu: jax.Array, nu: jax.Array, unit: Unit,
                    settings: AdamSettings) -> jax.Array:
   """The bias-corrected Adam direction of a unit from its updated moments,
   written as ``optax.scale_by_adam`` computes it."""
-  mu_hat = mu / unit.bias1.astype(mu.dtype)
-  nu_hat = nu / unit.bias2.astype(nu.dtype)
+  wide = _wide(mu.dtype)
+  mu_hat = mu.astype(wide) / unit.bias1.astype(wide)
+  nu_hat = nu.astype(wide) / unit.bias2.astype(wide)
   return mu_hat / (jnp.sqrt(nu_hat + settings.eps_root) + settings.eps)
 
 

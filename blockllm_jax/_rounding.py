@@ -56,6 +56,20 @@ def _random_bits(shape, key: jax.Array) -> jax.Array:
   return _mix32(_mix32(index * jnp.uint32(0x9E3779B9) + seeds[0]) ^ seeds[1])
 
 
+def hashed_bits(position: jax.Array, salt: jax.Array, stream: int = 0) -> jax.Array:
+  """uint32 pseudo-random bits of coordinate ``position`` at step ``salt``.
+
+  A counter-based generator (no key, no state): the hash of the position,
+  the salt (e.g. the step count) and a ``stream`` number that separates
+  arrays rounded in the same step (e.g. the two Adam moments).
+  """
+  salt = jnp.asarray(salt).astype(jnp.uint32)
+  mixed = _mix32(salt * jnp.uint32(0x85EBCA77) + jnp.uint32(0x27D4EB2F * (stream + 1)
+                                                            & 0xFFFFFFFF))
+  return _mix32(_mix32(position.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)
+                       + mixed) ^ (mixed >> 7))
+
+
 def stochastic_round(x: jax.Array, dtype, key: jax.Array) -> jax.Array:
   """Rounds float32 ``x`` to the float ``dtype`` stochastically (unbiased).
 
@@ -72,9 +86,14 @@ def stochastic_round(x: jax.Array, dtype, key: jax.Array) -> jax.Array:
   Returns:
     An array of ``dtype``.
   """
+  return round_with_bits(x, dtype, _random_bits(x.shape, key))
+
+
+def round_with_bits(x: jax.Array, dtype, bits: jax.Array) -> jax.Array:
+  """:func:`stochastic_round` with the caller's uint32 random ``bits``
+  (one per coordinate, e.g. from :func:`hashed_bits`)."""
   x = x.astype(jnp.float32)
   dtype = jnp.dtype(dtype)
-  bits = _random_bits(x.shape, key)
   if dtype == jnp.bfloat16:
     # bfloat16 is float32's top half: add 16 random bits to the discarded
     # low half and truncate. The carry rounds the magnitude up with

@@ -132,6 +132,8 @@ def parse_args(argv=None):
                  default="random", help="BAdam / BREAD: order of the blocks")
   p.add_argument("--correction-scale", type=float, default=1.0,
                  help="BREAD: SGD step of the inactive blocks, as a multiple of --lr")
+  p.add_argument("--moment-dtype", default="float32",
+                 help="dtype of the block optimizers' Adam moments (e.g. bfloat16)")
   p.add_argument("--lean", action="store_true",
                  help="BlockLLM / BAdam / BREAD: lean train steps "
                       "(bl.lean_value_and_grad; needs --no-scan-layers)")
@@ -282,14 +284,15 @@ def make_optimizer(name, args, params, settings):
     blocks = dict(switch_every=args.switch_every, order=args.block_order,
                   include_embedding=args.train_embeddings,
                   include_head=args.train_embeddings, seed=args.seed,
-                  layer_axis=layer_axis)
+                  layer_axis=layer_axis, moment_dtype=args.moment_dtype)
     if name == "badam":
       return bl.badam(lr, **blocks)
     return bl.bread(lr, correction="sgd", correction_scale=args.correction_scale,
                     **blocks)
   eligible = (lambda path, leaf: True) if args.train_embeddings else None
   return bl.blockllm(lr, sparsity=args.sparsity, patience=args.patience,
-                     eligible=eligible, layer_axis=layer_axis)
+                     eligible=eligible, layer_axis=layer_axis,
+                     moment_dtype=args.moment_dtype)
 
 
 def exact_match(model, params, examples, tokenizer, batch_size=64):

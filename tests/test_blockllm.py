@@ -436,3 +436,46 @@ def test_bf16_params_stay_bf16_and_learn(moment_dtype):
     params, state, loss = step(params, state)
   assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
   assert float(loss) < 0.9 * first
+
+
+def _nearest_bf16_nu(g2, b2, steps):
+  """NumPy model of a bfloat16 second moment rounded to nearest."""
+  import ml_dtypes
+  bf16 = ml_dtypes.bfloat16
+  nu = np.zeros_like(g2).astype(bf16)
+  for _ in range(steps):
+    nu = (np.float32(b2) * nu.astype(np.float32)
+          + np.float32(1 - b2) * g2).astype(bf16)
+  return nu.astype(np.float32)
+
+
+@pytest.mark.parametrize("make", [
+    lambda md: bl.scale_by_blockllm(sparsity=0.0, patience=10**6,
+                                    eligible=lambda p, x: True, moment_dtype=md),
+    lambda md: bl.scale_by_badam(blocks=lambda path, leaf: 0, switch_every=10**6,
+                                 moment_dtype=md),
+], ids=["blockllm", "badam"])
+def test_bfloat16_moments_are_rounded_stochastically(make):
+  """A constant gradient for 3000 steps (b2 = 0.999): bias-corrected, the
+  float32 second moment is g**2. Rounded to nearest, a bfloat16 one stalls
+  at about half of that (the NumPy model below); rounded stochastically
+  it stays unbiased: its mean over 4096 coordinates is within 2% of g**2."""
+  steps, b2 = 3000, 0.999
+  g = jnp.asarray(np.random.default_rng(0).uniform(0.5, 2.0, 4096), jnp.float32)
+  params = {"w": jnp.zeros(4096, jnp.float32)}
+  tx = make(jnp.bfloat16)
+
+  @jax.jit
+  def run(state):
+    def body(_, state):
+      return tx.update({"w": g}, state, params, value=jnp.float32(1.0))[1]
+    return jax.lax.fori_loop(0, steps, body, state)
+
+  state = run(tx.init(params))
+  nu = np.asarray(state.nu[:4096].astype(jnp.float32)) / (1 - b2**steps)
+  mu = np.asarray(state.mu[:4096].astype(jnp.float32)) / (1 - 0.9**steps)
+  g2 = np.asarray(g) ** 2
+  assert abs(np.mean(nu / g2) - 1) < 0.02, np.mean(nu / g2)
+  assert abs(np.mean(mu / np.asarray(g)) - 1) < 0.01
+  nearest = _nearest_bf16_nu(g2, b2, steps) / (1 - b2**steps)
+  assert np.mean(nearest / g2) < 0.75  # what rounding to nearest would give
