@@ -254,6 +254,27 @@ def _scale_by_block_adam(
         mesh_plan=mesh_plan)
     return result.packed, result.dense
 
+  def fused_backward(grads, partition, plan, schedule, adam, offset,
+                     finite_loss, state):
+    """Tier C on one device: the active leaves' gradients update their
+    moment windows in the backward pass as they arrive (no packed
+    gradient). At a switch the period's moments restart from zero first.
+    A non-finite loss writes nothing; a leaf whose gradient is not finite
+    keeps its moments and the step is skipped, though the other active
+    leaves have taken this gradient into their moments.
+
+    Returns ``(result, dense)``: the ``_lean.LeanResult`` (updated moments,
+    squared norms of the active leaves) and its dense gradients."""
+    restart = finite_loss & schedule.switch & (
+        jnp.arange(plan.capacity) >= plan.always_total)
+    zero = lambda m: jnp.where(restart, jnp.zeros((), m.dtype), m)
+    result = grads.backward(
+        partition.layout.eligible_index, packed=adam & finite_loss,
+        offset=offset, dense=_corrections.dense_needed(partition.role, fix),
+        moments=(zero(state.mu), zero(state.nu)), adam=settings,
+        salt=state.count)
+    return result, result.dense
+
   def local_update(updates, state, params, value, reduce=None):
     """The update on one device's shards (all of the params without
     sharding); ``reduce`` combines the finiteness checks across devices."""
@@ -278,8 +299,15 @@ def _scale_by_block_adam(
     finite = jnp.ones([], bool)
     if value is not None:
       finite = jnp.isfinite(_validation.scalar_loss(value))
+    moments = None
     if isinstance(updates, _lean.PackedStep):
       packed, grads = updates.packed, updates.dense
+    elif lean and updates.fused_capable:
+      _layout.require_unstacked_for_lean(layout)
+      moments, grads = fused_backward(updates, partition, plan, schedule, adam,
+                                      offset, finite, state)
+      packed = None
+      finite &= jnp.all(jnp.isfinite(moments.norm_sq))
     elif lean:
       _layout.require_unstacked_for_lean(layout)
       packed, grads = lean_backward(updates, partition, adam, offset)
@@ -300,7 +328,9 @@ def _scale_by_block_adam(
                              flag=corrected & finite,
                              restart=schedule.switch & ~is_always,
                              layout=layout, salt=state.count)
-    if packed is None:
+    if moments is not None:
+      mu, nu = moments.moments
+    elif packed is None:
       mu, nu = _engine.update_unit_moments(state.mu, state.nu, grads, units,
                                            settings, layout)
     else:

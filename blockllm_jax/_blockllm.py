@@ -83,6 +83,20 @@ class _Decision(NamedTuple):
   do_select: jax.Array  # bool[] the selection below is new
   selected: jax.Array  # bool[L] the step's selection
   offset: jax.Array  # int32[L] its offsets in the (local) packed buffer
+  # After fused passes: the step's selection with its moments already
+  # updated (and repacked if new); None after a packed pass.
+  selection: Optional["_Selection"] = None
+
+
+class _FusedPass(NamedTuple):
+  """The carry of a fused lean step's backward passes (one, or a scoring
+  pass then an update pass when the loss triggers a reselection)."""
+
+  passes: jax.Array  # int32[] backward passes run.
+  selection: _Selection  # the selection; its moments updated in place.
+  norms_finite: jax.Array  # bool[] the scoring pass's norms are finite.
+  packed_finite: jax.Array  # bool[] the update pass's gradients are finite.
+  do_select: jax.Array  # bool[] the step reselected.
 
 
 def _capacity(sparsity: float, layout: _layout.LeafLayout) -> int:
@@ -310,9 +324,17 @@ def scale_by_blockllm(
 
     if isinstance(updates, _lean.LeanGradients):
       _layout.require_unstacked_for_lean(layout)
-      updates = lean_gradients(updates, layout.eligible_index, state, loss,
-                               sizes, select_sizes, select_capacity)
-    if lean:
+      step_of = (fused_lean_step if updates.fused_capable and reduce is None
+                 else lean_gradients)
+      updates = step_of(updates, layout.eligible_index, state, loss,
+                        sizes, select_sizes, select_capacity)
+    fused = lean and updates.decision.selection is not None
+    if fused:
+      # Tier C: the moments were updated in the backward pass.
+      decision = updates.decision
+      finite, do_select = decision.finite, decision.do_select
+      selection = decision.selection
+    elif lean:
       # Tiers B/C: the packed gradient came in, in the layout of the
       # decided selection; the moments follow it.
       decision = updates.decision
@@ -344,7 +366,9 @@ def scale_by_blockllm(
     leaf_count = selection.leaf_count + active.astype(jnp.int32)
     units = _engine.per_unit(selection.offset, active, leaf_count, settings,
                              layout=layout, salt=state.count)
-    if lean:
+    if fused:
+      mu, nu = selection.mu, selection.nu
+    elif lean:
       # The packed gradient holds the selected leaves up to `used`; the
       # tail of the buffers is left as it is.
       used = jnp.sum(jnp.where(selection.selected,
@@ -502,6 +526,69 @@ def scale_by_blockllm(
             & packed_finite,
             do_select=done.do_select & packed_finite, selected=done.selected,
             offset=done.offset))
+
+  def fused_lean_step(grads, leaves, state, loss, sizes, select_sizes,
+                      select_capacity):
+    """Tier C on one device: the moments are updated in the backward pass.
+
+    Each selected leaf's gradient is folded into its windows of ``mu`` /
+    ``nu`` as the backward pass produces it, so no packed gradient exists.
+    A step the loss triggers runs a scoring pass first (every eligible
+    leaf's norm, nothing written), reselects (moments repacked in place),
+    then the update pass; other steps run the update pass only. Both are
+    one ``lax.while_loop`` on the forward pass's activations. A non-finite
+    loss writes nothing; a leaf whose gradient is not finite keeps its
+    moments, and the step is skipped (parameters, counts and selection
+    unchanged), though the selected leaves with finite gradients have
+    taken this gradient into their moments: the price of not holding a
+    copy (a step whose loss is finite but whose gradient is not).
+
+    Returns:
+      A ``_lean.PackedStep`` (no ``params_like``, no packed gradient) whose
+      decision holds the updated selection.
+    """
+    finite_loss = jnp.isfinite(loss)
+    trigger = trigger_of(state, loss)
+    start = _FusedPass(
+        passes=jnp.zeros([], jnp.int32),
+        selection=_Selection(state.selected, state.offset, state.leaf_count,
+                             state.visit_count, state.mu, state.nu),
+        norms_finite=jnp.ones([], bool), packed_finite=jnp.ones([], bool),
+        do_select=jnp.zeros([], bool))
+
+    def backward(carry: _FusedPass) -> _FusedPass:
+      scoring = (carry.passes == 0) & trigger
+      selection = carry.selection
+      write = selection.selected & finite_loss & carry.norms_finite & ~scoring
+      result = grads.backward(
+          leaves, packed=write, offset=selection.offset,
+          norms=jnp.full([len(leaves)], scoring),
+          moments=(selection.mu, selection.nu), adam=settings, salt=state.count)
+      all_finite = jnp.all(jnp.isfinite(result.norm_sq))
+      selection = selection._replace(mu=result.moments[0],
+                                     nu=result.moments[1])
+      do_select = scoring & finite_loss & all_finite
+      chosen = choose(state.visit_count, jnp.sqrt(result.norm_sq), sizes,
+                      select_sizes, select_capacity)
+      selection = lax.cond(do_select, lambda s: reselect(s, chosen, sizes),
+                           lambda s: s, selection)
+      return _FusedPass(
+          passes=carry.passes + 1, selection=selection,
+          norms_finite=jnp.where(scoring, all_finite, carry.norms_finite),
+          packed_finite=jnp.where(scoring, carry.packed_finite, all_finite),
+          do_select=carry.do_select | do_select)
+
+    def another_pass(carry: _FusedPass) -> jax.Array:
+      return (carry.passes == 0) | ((carry.passes == 1) & trigger & finite_loss
+                                    & carry.norms_finite)
+
+    done = lax.while_loop(another_pass, backward, start)
+    finite = finite_loss & done.norms_finite & done.packed_finite
+    return _lean.PackedStep(
+        params_like=None, packed=None, decision=_Decision(
+            finite=finite, do_select=done.do_select,
+            selected=done.selection.selected, offset=done.selection.offset,
+            selection=done.selection))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

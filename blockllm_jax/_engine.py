@@ -278,7 +278,19 @@ def _unit_moments(mu, nu, grad, unit: Unit, settings: AdamSettings, salt):
 
 
 def _salted(salt, stream: int):
-  return None if salt is None else (salt, stream)
+  # The fused lean pass carries the salt in float32: exact below 2**24.
+  return None if salt is None else (salt % (1 << 24), stream)
+
+
+def update_window_moments(mu: jax.Array, nu: jax.Array, grad: jax.Array,
+                          offset: jax.Array, apply: jax.Array,
+                          settings: AdamSettings,
+                          salt: Optional[jax.Array] = None):
+  """One gradient's windows of ``mu`` / ``nu`` (at ``offset``) updated in
+  place where ``apply``: the same arithmetic as :func:`update_unit_moments`,
+  called by the lean backward pass as each gradient arrives."""
+  unit = Unit(offset=offset, active=apply, bias1=None, bias2=None)
+  return _unit_moments(mu, nu, grad, unit, settings, salt)
 
 
 def update_unit_moments(mu: jax.Array, nu: jax.Array,

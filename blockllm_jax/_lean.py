@@ -94,6 +94,10 @@ class _Request:
   want_packed: bool = False
   want_norms: bool = False
   mesh: Optional[_MeshPacking] = None  # None: one device.
+  # Fused moments: the chain carries (mu, nu, salt) and each asked leaf's
+  # gradient updates its windows with Adam's rule as it arrives
+  # (``_engine.AdamSettings``); None: the chain carries a packed gradient.
+  fused: Any = None
 
 
 class _Sinks:
@@ -105,10 +109,14 @@ class _Sinks:
   the rules.
   """
 
-  def __init__(self, capacity: int, packed_dtype, num_slots: int):
+  def __init__(self, capacity: int, packed_dtype, num_slots: int,
+               chained: bool = False):
     self.capacity = capacity
     self.packed_dtype = packed_dtype
     self.num_slots = num_slots
+    # Taps thread the chain too (compute-lean), so that moments can be
+    # updated in the backward pass; else they add into a packed sink.
+    self.chained = chained
     self.request = _Request()
 
 
@@ -166,6 +174,26 @@ def _add_window(sinks: _Sinks, slot: int, packed, grad, need, offset):
                        out_specs=mesh.buffer_spec, check_vma=False)(*args)
 
 
+def _write_window(sinks: _Sinks, slot: int, chain, grad, need, offset, square):
+  """The chain with ``grad`` written at ``offset`` if ``need``: added to
+  the packed gradient, or (fused) folded into the moments' windows, which
+  stay as they were where the gradient is not finite (``square`` is its
+  float32 squared norm, +inf on overflow)."""
+  adam = sinks.request.fused
+  if adam is None:
+    packed = _add_window(sinks, slot, chain[0], grad, need, offset)
+    return (packed,) + tuple(chain[1:])
+  mu, nu, salt = chain
+  mu, nu = _engine.update_window_moments(
+      mu, nu, grad, offset, need & jnp.isfinite(square), adam,
+      salt.astype(jnp.int32))
+  return mu, nu, salt
+
+
+def _square(grad):
+  return jnp.sum(jnp.square(grad.astype(jnp.float32)))
+
+
 def _reduce_gradient(sinks: _Sinks, slot: int, grad, control):
   """A leaf gradient -> (packed contribution, norm contribution)."""
   need_packed, need_norm, offset = _decode_control(control)
@@ -175,8 +203,7 @@ def _reduce_gradient(sinks: _Sinks, slot: int, grad, control):
     # An unasked leaf adds zeros to a window.
     packed_ct = _add_window(sinks, slot, None, grad, need_packed, offset)
   if request.want_norms:
-    square = jnp.sum(jnp.square(grad.astype(jnp.float32)))
-    norm_ct = jnp.where(need_norm, square, 0.0)
+    norm_ct = jnp.where(need_norm, _square(grad), 0.0)
   return packed_ct, norm_ct
 
 
@@ -202,6 +229,35 @@ def _tap_bwd(sinks, slot, residual, cotangents):
 
 
 _tap.defvjp(_tap_fwd, _tap_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chained_tap(sinks: _Sinks, slot: int, param, chain, norm_sink):
+  """:func:`_tap` that also threads the chain (see :func:`_lean_dense`):
+  its backward rule writes the leaf's window into the chain in place."""
+  del sinks, slot, norm_sink
+  return param, jnp.zeros([_CONTROL], jnp.float32), chain
+
+
+def _chained_tap_fwd(sinks, slot, param, chain, norm_sink):
+  return _chained_tap(sinks, slot, param, chain, norm_sink), None
+
+
+def _chained_tap_bwd(sinks, slot, residual, cotangents):
+  del residual
+  grad, control, chain = cotangents
+  request = sinks.request
+  if not request.live[slot]:
+    return None, chain, None
+  need_packed, need_norm, offset = _decode_control(control)
+  square = _square(grad)
+  if request.want_packed and _packs(sinks, slot, grad.shape):
+    chain = _write_window(sinks, slot, chain, grad, need_packed, offset, square)
+  norm_ct = jnp.where(need_norm, square, 0.0) if request.want_norms else None
+  return (grad if request.dense[slot] else None), chain, norm_ct
+
+
+_chained_tap.defvjp(_chained_tap_fwd, _chained_tap_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -255,12 +311,13 @@ def _lean_dense_bwd(sinks, slot, param_dtype, precision, residual,
         precision=precision).astype(kernel.dtype))
 
   def reduce(kernel_grad, packed):
-    """The packed gradient with this leaf's window added; its square norm."""
+    """The chain with this leaf's window written; its square norm."""
     grad = kernel_grad.astype(param_dtype)
-    square = (jnp.sum(jnp.square(grad.astype(jnp.float32)))
-              if request.want_norms else jnp.zeros([], jnp.float32))
+    square = (_square(grad) if request.want_norms or request.fused is not None
+              else jnp.zeros([], jnp.float32))
     if packs:
-      packed = _add_window(sinks, slot, packed, grad, need_packed, offset)
+      packed = _write_window(sinks, slot, packed, grad, need_packed, offset,
+                             square)
     return packed, square
 
   kernel_grad = None
@@ -366,11 +423,15 @@ class LeanResult(NamedTuple):
   elsewhere), ``norm_sq`` the squared norms asked for (0 elsewhere),
   ``dense`` the whole gradient of each leaf asked for in ``dense`` (None
   for the others). Leaves are those passed to :meth:`LeanGradients.backward`.
+  After a fused pass (``moments=``) ``packed`` is None, ``moments`` holds
+  the updated moments and ``norm_sq`` also the packed leaves' squared norms
+  (a non-finite one: that leaf's windows were left as they were).
   """
 
   packed: Optional[jax.Array]  # packed_dtype[capacity]
   norm_sq: Optional[jax.Array]  # float32[len(leaves)]
   dense: list
+  moments: Optional[tuple] = None  # (mu, nu) after a fused pass
 
 
 @dataclasses.dataclass
@@ -424,6 +485,8 @@ class LeanGradients:
     self.compute_lean = compute_lean
     self.capacity = sinks.capacity
     self.packed_dtype = sinks.packed_dtype
+    # Moments can be updated in the backward pass (:meth:`backward`).
+    self.fused_capable = sinks.chained
 
   def recompute(self) -> "LeanGradients":
     """The same deferred gradient from a fresh forward pass.
@@ -469,7 +532,10 @@ class LeanGradients:
                offset: Optional[jax.Array] = None,
                norms: Optional[jax.Array] = None,
                dense: Sequence[bool] = (),
-               mesh_plan: Any = None) -> LeanResult:
+               mesh_plan: Any = None,
+               moments: Optional[tuple] = None,
+               adam: Any = None,
+               salt: Optional[jax.Array] = None) -> LeanResult:
     """Runs the backward pass for ``leaves`` (flat positions, static).
 
     Args:
@@ -486,6 +552,13 @@ class LeanGradients:
         layout (each device's shards in its own slice of
         ``capacity / devices``, ``offset`` local to the slice). Norms are
         of whole leaves either way.
+      moments: ``(mu, nu)``: update them with Adam's rule (``adam``, an
+        ``_engine.AdamSettings``) from each packed leaf's gradient as the
+        backward pass produces it, in place, instead of returning a packed
+        gradient (no buffer of the moments' size beyond the moments);
+        moments narrower than float32 are rounded stochastically with
+        ``salt`` (int32[], the step count). Needs compute-lean and one
+        device.
 
     Returns:
       A :class:`LeanResult`.
@@ -503,10 +576,22 @@ class LeanGradients:
     for slot, is_dense in zip(slots, dense, strict=True):
       live[slot] = True
       dense_slots[slot] = bool(is_dense)
+    fused = moments is not None
+    if fused and (not self.fused_capable or mesh_plan is not None or
+                  packed is None):
+      raise ValueError("Fused moments need `packed`, compute-lean "
+                       "(`lean_value_and_grad(..., compute_lean=True)`) and one "
+                       "device.")
+    if fused and norms is None:
+      norms = jnp.zeros([len(slots)], bool)
     request = _Request(live=tuple(live), dense=tuple(dense_slots),
                        want_packed=packed is not None,
                        want_norms=norms is not None,
-                       mesh=self._mesh_packing(mesh_plan))
+                       mesh=self._mesh_packing(mesh_plan),
+                       fused=adam if fused else None)
+    if fused:
+      # Packed leaves report their squared norms: the caller's finiteness.
+      norms = jnp.asarray(norms, bool) | jnp.asarray(packed, bool)
     control = jnp.zeros([num_slots, _CONTROL], jnp.float32)
     index = jnp.asarray(slots, jnp.int32)
     if packed is not None:
@@ -520,14 +605,27 @@ class LeanGradients:
     # The backward rules read `request` now, while this call traces them.
     self._sinks.request = request
     packed_seed = self.zeros_packed(mesh_plan)
+    if self._sinks.chained:
+      if fused:
+        # Salts stay exact in float32 below 2**24.
+        salt_seed = (jnp.zeros([], jnp.int32) if salt is None
+                     else jnp.asarray(salt, jnp.int32) % (1 << 24))
+        packed_seed = (moments[0], moments[1], salt_seed.astype(jnp.float32))
+      else:
+        packed_seed = (packed_seed, jnp.zeros_like(packed_seed),
+                       jnp.zeros([], jnp.float32))
     # Each slot's control arrives as an array of its own (not a slice of
     # the matrix), so that same-shaped leaves share compiled kernels.
     rows = _engine.split_rows([control[:, k] for k in range(_CONTROL)])
     packed_ct, norm_ct, param_cts = self._vjp_fn(
         (jnp.ones_like(self._loss), tuple(jnp.stack(row) for row in rows),
          packed_seed))
+    chain = packed_ct
+    if self._sinks.chained:
+      packed_ct = chain[0]
     return LeanResult(
-        packed=packed_ct if packed is not None else None,
+        packed=packed_ct if packed is not None and not fused else None,
+        moments=(chain[0], chain[1]) if fused else None,
         norm_sq=(jnp.stack([norm_ct[slot] for slot in slots])
                  if norms is not None else None),
         dense=[param_cts[slot] if d else None
@@ -678,7 +776,8 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
       else:
         slot_of_leaf.append(None)
     num_slots = len(slot_leaves)
-    sinks = _Sinks(int(inner.mu.shape[0]), inner.mu.dtype, num_slots)
+    sinks = _Sinks(int(inner.mu.shape[0]), inner.mu.dtype, num_slots,
+                   chained=compute_lean)
     paths = [_layout.path_to_str(p) for p, _ in
              jax.tree_util.tree_flatten_with_path(params)[0]]
 
@@ -696,16 +795,20 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
     def forward(packed_sink, norm_sink, slot_params):
       tree_leaves = list(flat)
       tokens = [None] * num_slots
+      # Compute-lean: the chain (a tuple, see `linearize`) runs through the
+      # taps, then through the Dense calls in execution order.
+      chain = [packed_sink]
       for slot, position in enumerate(slot_leaves):
         if slot in lean_slots:
           tree_leaves[position] = slot_params[slot]
+        elif sinks.chained:
+          tree_leaves[position], tokens[slot], chain[0] = _chained_tap(
+              sinks, slot, slot_params[slot], chain[0], norm_sink[slot])
         else:
           tree_leaves[position], tokens[slot] = _tap(
               sinks, slot, slot_params[slot], packed_sink, norm_sink[slot])
       slot_of_object = {id(tree_leaves[slot_leaves[s]]): s
                         for s in lean_slots}
-
-      chain = [packed_sink]
 
       def dense(module, inputs, kernel, slot):
         outputs, tokens[slot], chain[0] = _lean_dense(
@@ -733,6 +836,11 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
 
     def linearize():
       packed_sink = jnp.zeros([sinks.capacity], sinks.packed_dtype)
+      if sinks.chained:
+        # (packed gradient or mu, nu or unused, float32 salt of the moments'
+        # stochastic rounding): one structure for both kinds of pass.
+        packed_sink = (packed_sink, jnp.zeros_like(packed_sink),
+                       jnp.zeros([], jnp.float32))
       # One scalar per slot: its cotangent is the slot's squared norm, with
       # no scatter into a shared vector (which would put the slot's index
       # into, and so make distinct, every slot's kernel).
