@@ -174,24 +174,39 @@ def _add_window(sinks: _Sinks, slot: int, packed, grad, need, offset):
                        out_specs=mesh.buffer_spec, check_vma=False)(*args)
 
 
-def _write_window(sinks: _Sinks, slot: int, chain, grad, need, offset, square):
-  """The chain with ``grad`` written at ``offset`` if ``need``: added to
-  the packed gradient, or (fused) folded into the moments' windows, which
-  stay as they were where the gradient is not finite (``square`` is its
-  float32 squared norm, +inf on overflow)."""
-  adam = sinks.request.fused
-  if adam is None:
-    packed = _add_window(sinks, slot, chain[0], grad, need, offset)
-    return (packed,) + tuple(chain[1:])
-  mu, nu, salt = chain
-  mu, nu = _engine.update_window_moments(
-      mu, nu, grad, offset, need & jnp.isfinite(square), adam,
-      salt.astype(jnp.int32))
-  return mu, nu, salt
-
-
 def _square(grad):
   return jnp.sum(jnp.square(grad.astype(jnp.float32)))
+
+
+def _reduce_into(sinks: _Sinks, slot: int, chain, grad, need_packed, need_norm,
+                 offset, packs: bool):
+  """A leaf gradient reduced into the chain: ``(chain, norm_ct value)``.
+
+  Packed passes add the gradient's window to the packed gradient. Fused
+  passes fold it into the moments' windows, which stay as they were if
+  the gradient is not finite, and report ``max |g|`` for packed leaves
+  (its finiteness is the caller's) next to the squared norm where asked;
+  that norm runs under its own ``lax.cond`` so that its ``g * g`` is not
+  shared with the second moment's, which XLA would then materialise
+  (one leaf's size).
+  """
+  request = sinks.request
+  if request.fused is None:
+    square = _square(grad) if request.want_norms else jnp.zeros([], jnp.float32)
+    if packs:
+      packed = _add_window(sinks, slot, chain[0], grad, need_packed, offset)
+      chain = (packed,) + tuple(chain[1:])
+    return chain, jnp.where(need_norm, square, 0.0)
+  largest = jnp.max(jnp.abs(grad)).astype(jnp.float32)
+  if packs:
+    mu, nu, salt = chain
+    mu, nu = _engine.update_window_moments(
+        mu, nu, grad, offset, need_packed & jnp.isfinite(largest),
+        request.fused, salt.astype(jnp.int32))
+    chain = (mu, nu, salt)
+  norm = lax.cond(need_norm, lambda: _square(grad),
+                  lambda: jnp.zeros([], jnp.float32))
+  return chain, norm + jnp.where(need_packed, largest, 0.0)
 
 
 def _reduce_gradient(sinks: _Sinks, slot: int, grad, control):
@@ -250,10 +265,10 @@ def _chained_tap_bwd(sinks, slot, residual, cotangents):
   if not request.live[slot]:
     return None, chain, None
   need_packed, need_norm, offset = _decode_control(control)
-  square = _square(grad)
-  if request.want_packed and _packs(sinks, slot, grad.shape):
-    chain = _write_window(sinks, slot, chain, grad, need_packed, offset, square)
-  norm_ct = jnp.where(need_norm, square, 0.0) if request.want_norms else None
+  chain, norm = _reduce_into(
+      sinks, slot, chain, grad, need_packed, need_norm, offset,
+      request.want_packed and _packs(sinks, slot, grad.shape))
+  norm_ct = norm if request.want_norms else None
   return (grad if request.dense[slot] else None), chain, norm_ct
 
 
@@ -311,14 +326,9 @@ def _lean_dense_bwd(sinks, slot, param_dtype, precision, residual,
         precision=precision).astype(kernel.dtype))
 
   def reduce(kernel_grad, packed):
-    """The chain with this leaf's window written; its square norm."""
-    grad = kernel_grad.astype(param_dtype)
-    square = (_square(grad) if request.want_norms or request.fused is not None
-              else jnp.zeros([], jnp.float32))
-    if packs:
-      packed = _write_window(sinks, slot, packed, grad, need_packed, offset,
-                             square)
-    return packed, square
+    """The chain with this leaf's window written; its norm_ct value."""
+    return _reduce_into(sinks, slot, packed, kernel_grad.astype(param_dtype),
+                        need_packed, need_norm, offset, packs)
 
   kernel_grad = None
   if request.dense[slot]:
@@ -334,9 +344,7 @@ def _lean_dense_bwd(sinks, slot, param_dtype, precision, residual,
     packed, square = lax.cond(
         wanted, lambda packed: reduce(weight_grad(), packed),
         lambda packed: (packed, jnp.zeros([], jnp.float32)), packed)
-  norm_ct = None
-  if request.want_norms:
-    norm_ct = jnp.where(need_norm, square, 0.0)
+  norm_ct = square if request.want_norms else None
   return input_grad, kernel_grad, packed, norm_ct
 
 
@@ -424,8 +432,8 @@ class LeanResult(NamedTuple):
   ``dense`` the whole gradient of each leaf asked for in ``dense`` (None
   for the others). Leaves are those passed to :meth:`LeanGradients.backward`.
   After a fused pass (``moments=``) ``packed`` is None, ``moments`` holds
-  the updated moments and ``norm_sq`` also the packed leaves' squared norms
-  (a non-finite one: that leaf's windows were left as they were).
+  the updated moments and ``norm_sq`` adds each packed leaf's ``max |g|``
+  (non-finite: that leaf's windows were left as they were).
   """
 
   packed: Optional[jax.Array]  # packed_dtype[capacity]
@@ -589,9 +597,6 @@ class LeanGradients:
                        want_norms=norms is not None,
                        mesh=self._mesh_packing(mesh_plan),
                        fused=adam if fused else None)
-    if fused:
-      # Packed leaves report their squared norms: the caller's finiteness.
-      norms = jnp.asarray(norms, bool) | jnp.asarray(packed, bool)
     control = jnp.zeros([num_slots, _CONTROL], jnp.float32)
     index = jnp.asarray(slots, jnp.int32)
     if packed is not None:
