@@ -781,8 +781,7 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
       else:
         slot_of_leaf.append(None)
     num_slots = len(slot_leaves)
-    sinks = _Sinks(int(inner.mu.shape[0]), inner.mu.dtype, num_slots,
-                   chained=compute_lean)
+    sinks = _Sinks(int(inner.mu.shape[0]), inner.mu.dtype, num_slots)
     paths = [_layout.path_to_str(p) for p, _ in
              jax.tree_util.tree_flatten_with_path(params)[0]]
 
@@ -796,6 +795,9 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
           call_loss, flat, treedef, slot_leaves, paths)
       if warn:
         _warn_fallback(reasons)
+    # With no Dense taken over, chained taps would only hold every tapped
+    # gradient until the end of the backward pass: add into a packed sink.
+    sinks.chained = bool(lean_slots)
 
     def forward(packed_sink, norm_sink, slot_params):
       tree_leaves = list(flat)

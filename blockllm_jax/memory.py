@@ -17,8 +17,10 @@ is allocated, and reports:
 - **gradient**: what the step must hold of the gradient at its peak, by the
   method's memory model: the whole tree for a plain step (an upper bound:
   a compiler may fuse some leaves' updates into the backward pass), the
-  adapters for LoRA, and for a lean step the packed gradient (one moment
-  buffer) plus the largest eligible leaf's gradient as it arrives;
+  adapters for LoRA, and for a lean step the largest eligible leaf's
+  gradient (each is folded into the moments as it arrives), plus a packed
+  gradient (one moment buffer) where compute-lean cannot take the layers
+  over (under ``--remat``);
 - **activations**: what our LLaMA saves for its backward pass, counted
   tensor by tensor (:func:`activation_bytes`; with ``--remat`` the layer
   inputs plus one layer being recomputed);
@@ -236,17 +238,23 @@ def activation_bytes(settings: models.LlamaSettings, batch: int, seq: int,
   return int(layers + head)
 
 
-def _gradient_bytes(config: StepConfig, params, state) -> int:
+def _gradient_bytes(settings, config: StepConfig, params, state) -> int:
   """The gradient the step holds at its peak (see the module doc)."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   nbytes = lambda x: int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
   if config.method == "lora":
     return sum(nbytes(x) for path, x in flat if models.is_lora_path(path))
   if config.method.endswith("-lean"):
-    engine = _engine_state(state)
     eligible = [nbytes(x) for path, x in flat
                 if config.train_embeddings or _eligible(path)]
-    return nbytes(engine.mu) + max(eligible, default=0)
+    largest = max(eligible, default=0)
+    if settings.remat:
+      # Dense layers under nn.remat are not taken over by compute-lean
+      # (a warning names them): their gradients are packed first.
+      return nbytes(_engine_state(state).mu) + largest
+    # Compute-lean: each selected gradient is folded into the moments as
+    # it arrives; one is being written at a time.
+    return largest
   return sum(nbytes(x) for _, x in flat)
 
 
@@ -344,7 +352,7 @@ def estimate(settings: models.LlamaSettings, config: StepConfig, *,
   result = MemoryEstimate(
       method=config.method, num_params=int(sum(np.prod(x.shape) for x in leaves)),
       weights=_memory.state_bytes(params), state=_memory.state_bytes(state),
-      gradient=_gradient_bytes(config, params, state),
+      gradient=_gradient_bytes(settings, config, params, state),
       activations=activation_bytes(settings, config.batch, config.seq,
                                    config.compute_dtype),
       xla=None, instrument="not compiled", xla_is_exact=False)
