@@ -238,19 +238,32 @@ def activation_bytes(settings: models.LlamaSettings, batch: int, seq: int,
   return int(layers + head)
 
 
-def _gradient_bytes(settings, config: StepConfig, params, state) -> int:
-  """The gradient the step holds at its peak (see the module doc)."""
+def held_gradient_bytes(method: str, params, state, *, remat: bool = False,
+                        train_embeddings: bool = False) -> int:
+  """The gradient a method's step holds at its peak (the memory model).
+
+  Args:
+    method: one of :data:`METHODS`.
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    state: the optimizer state (for a lean step, holding the moments).
+    remat: the model rematerialises its layers (compute-lean does not take
+      Dense layers under ``nn.remat`` over, so their gradients are packed).
+    train_embeddings: the block optimizers may train embeddings / head.
+
+  Returns:
+    Bytes: the whole gradient for a plain step, the adapters' for LoRA, the
+    largest eligible leaf's for a lean step (plus one moment buffer under
+    ``remat``).
+  """
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   nbytes = lambda x: int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-  if config.method == "lora":
+  if method == "lora":
     return sum(nbytes(x) for path, x in flat if models.is_lora_path(path))
-  if config.method.endswith("-lean"):
+  if method.endswith("-lean"):
     eligible = [nbytes(x) for path, x in flat
-                if config.train_embeddings or _eligible(path)]
+                if train_embeddings or _eligible(path)]
     largest = max(eligible, default=0)
-    if settings.remat:
-      # Dense layers under nn.remat are not taken over by compute-lean
-      # (a warning names them): their gradients are packed first.
+    if remat:
       return nbytes(_engine_state(state).mu) + largest
     # Compute-lean: each selected gradient is folded into the moments as
     # it arrives; one is being written at a time.
@@ -352,7 +365,9 @@ def estimate(settings: models.LlamaSettings, config: StepConfig, *,
   result = MemoryEstimate(
       method=config.method, num_params=int(sum(np.prod(x.shape) for x in leaves)),
       weights=_memory.state_bytes(params), state=_memory.state_bytes(state),
-      gradient=_gradient_bytes(settings, config, params, state),
+      gradient=held_gradient_bytes(config.method, params, state,
+                                   remat=settings.remat,
+                                   train_embeddings=config.train_embeddings),
       activations=activation_bytes(settings, config.batch, config.seq,
                                    config.compute_dtype),
       xla=None, instrument="not compiled", xla_is_exact=False)

@@ -211,15 +211,9 @@ def nbytes(tree) -> int:
 def memory_model(method, params, state) -> int:
   """Bytes the README's memory model predicts: weights + optimizer state +
   the gradient the step holds (activations not included)."""
-  weights, moments = nbytes(params), nbytes(state)
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  if method == "lora":
-    gradient = sum(nbytes(x) for p, x in flat if models.is_lora_path(p))
-  elif method == "blockllm-lean":
-    gradient = nbytes(state[0].mu)  # the packed gradient, one moment's size
-  else:
-    gradient = weights  # the whole gradient tree
-  return weights + moments + gradient
+  from blockllm_jax import memory
+  return nbytes(params) + nbytes(state) + memory.held_gradient_bytes(
+      method, params, state, train_embeddings=True)
 
 
 # ---------------------------------------------------------------- stages --
