@@ -465,6 +465,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
   instruments = sorted({e.instrument for e in estimates if e.xla is not None})
   for instrument in instruments:
     print(f"XLA column measured by {instrument}.")
+  if args.remat and any(m.endswith("-lean") for m in methods):
+    print("warning: lean steps under --remat: compute-lean does not take over "
+          "Dense layers inside nn.remat, so the step packs its gradient and "
+          "recomputes its forward pass to reselect; XLA:CPU measured 102 GiB "
+          "for blockllm-lean at llama-7b x 512 in float32 (model: 33 GiB, and "
+          "39 GiB measured without --remat). Prefer lean steps without remat.")
   print(f"fits: peak <= {USABLE_FRACTION:.0%} of the card (GiB); peak = XLA's "
         "figure where it measured the requested dtypes, else the model total.")
   return estimates
