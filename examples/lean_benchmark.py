@@ -231,7 +231,8 @@ def main():
                     # The floor: a static freeze of as much (BlockLLM) or
                     # of one block (BAdam).
                     mb(r["total"]), ratio("total", "static-block"
-                                          if method.startswith("badam")
+                                          if method.startswith(("badam",
+                                                                "static-block"))
                                           else "static"),
                     ratio("total", "adamw"),
                     f"{r['step_ms']:.1f}" if "step_ms" in r else "",
