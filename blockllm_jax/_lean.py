@@ -17,7 +17,12 @@ optimizer's ``update`` runs itself, asking for exactly what it needs:
   (``nn.intercept_methods``) and computed by a dense product whose backward
   computes the weight gradient ``x^T dy`` under a ``lax.cond``: an
   unselected layer skips the matmul at run time, while the activation
-  gradient ``dy W^T`` is always computed.
+  gradient ``dy W^T`` is always computed. With layers taken over, a
+  "chain" is threaded through them and the remaining taps, and on one
+  device it carries the optimizer's moments themselves: each selected
+  leaf's gradient is folded into its windows of ``mu`` / ``nu`` as it
+  arrives (:meth:`LeanGradients.backward` with ``moments=``), so not even a
+  packed gradient exists; otherwise the chain carries the packed gradient.
 
 What to compute is decided by the optimizer after the forward pass, from its
 state and the loss: static choices (which leaves can ever be needed) are
@@ -670,9 +675,13 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
   - BlockLLM decides after the forward pass whether this step reselects (it
     needs the loss). If so, a first backward pass computes every eligible
     leaf's gradient norm, the new selection is made, and a second backward
-    pass packs the newly selected gradients; other steps run one backward
+    pass packs (or, with compute-lean layers on one device, folds into the
+    moments) the newly selected gradients; other steps run one backward
     pass. Only the loss and the gradients the step uses are checked for
-    non-finite values.
+    non-finite values. Folded into the moments, a step whose loss is
+    finite but whose gradient is not is skipped, yet the selected leaves
+    with finite gradients keep that gradient in their moments (no copy is
+    held to take it back); the non-finite leaf's moments are untouched.
   - ``compute_lean=True`` also intercepts ``flax.linen.Dense`` calls made
     by ``loss_fn`` (no need to edit the model) so that the weight-gradient
     matmul of a layer nobody needs this step is skipped at run time. Layers
