@@ -8,7 +8,11 @@ trained in a step; a selection policy (:mod:`blockllm_jax._blockllm`,
    windows of the two flat moment buffers in place, straight from its
    gradient (no packed copy of the gradients exists); with the lean taps
    of :mod:`blockllm_jax._lean`, which hand over the gradients already
-   packed, :func:`update_moments` updates the whole buffer at once;
+   packed, :func:`update_moments` updates the whole buffer at once, and
+   the lean backward pass itself calls :func:`update_window_moments` for
+   each gradient as it arrives (no packed gradient at all); moments
+   narrower than float32 are computed in float32 and rounded
+   stochastically;
 2. :func:`unit_updates`: each unit's bias-corrected direction is read back
    from its window of the moments (zero for inactive units), then finished
    by the policy (weight decay, top-k, a correction).
