@@ -263,8 +263,9 @@ def _scale_by_block_adam(
     keeps its moments and the step is skipped, though the other active
     leaves have taken this gradient into their moments.
 
-    Returns ``(result, dense)``: the ``_lean.LeanResult`` (updated moments,
-    squared norms of the active leaves) and its dense gradients."""
+    Returns ``(result, dense)``: the ``_lean.LeanResult`` (updated moments;
+    ``norm_sq`` holds each active leaf's ``max |g|``) and its dense
+    gradients."""
     restart = finite_loss & schedule.switch & (
         jnp.arange(plan.capacity) >= plan.always_total)
     zero = lambda m: jnp.where(restart, jnp.zeros((), m.dtype), m)
@@ -299,15 +300,15 @@ def _scale_by_block_adam(
     finite = jnp.ones([], bool)
     if value is not None:
       finite = jnp.isfinite(_validation.scalar_loss(value))
-    moments = None
+    fused = None
     if isinstance(updates, _lean.PackedStep):
       packed, grads = updates.packed, updates.dense
     elif lean and updates.fused_capable:
       _layout.require_unstacked_for_lean(layout)
-      moments, grads = fused_backward(updates, partition, plan, schedule, adam,
-                                      offset, finite, state)
+      fused, grads = fused_backward(updates, partition, plan, schedule, adam,
+                                    offset, finite, state)
       packed = None
-      finite &= jnp.all(jnp.isfinite(moments.norm_sq))
+      finite &= jnp.all(jnp.isfinite(fused.norm_sq))
     elif lean:
       _layout.require_unstacked_for_lean(layout)
       packed, grads = lean_backward(updates, partition, adam, offset)
@@ -328,8 +329,8 @@ def _scale_by_block_adam(
                              flag=corrected & finite,
                              restart=schedule.switch & ~is_always,
                              layout=layout, salt=state.count)
-    if moments is not None:
-      mu, nu = moments.moments
+    if fused is not None:
+      mu, nu = fused.moments
     elif packed is None:
       mu, nu = _engine.update_unit_moments(state.mu, state.nu, grads, units,
                                            settings, layout)
