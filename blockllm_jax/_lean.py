@@ -52,6 +52,7 @@ from jax.sharding import PartitionSpec as P
 from blockllm_jax import _engine
 from blockllm_jax import _introspect
 from blockllm_jax import _layout
+from blockllm_jax import _lean_remat
 from blockllm_jax import _nnx
 
 # Offsets travel through a float32 cotangent as ``high * 2**12 + low``, both
@@ -798,24 +799,61 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
       out = loss_fn(tree, *args, **kwargs)
       return out if has_aux else (out, None)
 
-    lean_slots = frozenset()
+    lean_slots = remat_slots = frozenset()
     if compute_lean and num_slots:
-      lean_slots, reasons = _plan_compute_lean(
+      lean_slots, remat_slots, reasons = _plan_compute_lean(
           call_loss, flat, treedef, slot_leaves, paths)
       if warn:
         _warn_fallback(reasons)
     # With no Dense taken over, chained taps would only hold every tapped
     # gradient until the end of the backward pass: add into a packed sink.
-    sinks.chained = bool(lean_slots)
+    sinks.chained = bool(lean_slots | remat_slots)
+
+    def lean_dense(slot, inputs, kernel, precision, chain):
+      """A taken-over Dense: (outputs, control token, chain)."""
+      return _lean_dense(sinks, slot, flat[slot_leaves[slot]].dtype,
+                         precision, inputs, kernel, chain,
+                         norm_sinks[0][slot])
+
+    norm_sinks = [None]  # the norm sinks of the forward pass being traced
 
     def forward(packed_sink, norm_sink, slot_params):
+      if not remat_slots:
+        return traced_forward(packed_sink, norm_sink, slot_params)
+      # Dense layers inside nn.remat: trace, then evaluate the jaxpr with
+      # their checkpoints rebuilt (`_lean_remat`).
+      closed, shape = jax.make_jaxpr(traced_forward, return_shape=True)(
+          packed_sink, norm_sink, slot_params)
+      norm_sinks[0] = norm_sink  # (tracing set it to its own tracers)
+      num_chain = len(jax.tree.leaves(packed_sink))
+      num_sinks = len(jax.tree.leaves(norm_sink))
+      remat_slot_of_var = {
+          closed.jaxpr.invars[num_chain + num_sinks + s]: s
+          for s in remat_slots}
+      args = jax.tree.leaves((packed_sink, norm_sink, slot_params))
+      outs, found = _lean_remat.run(
+          closed, args, closed.jaxpr.invars[:num_chain], remat_slot_of_var,
+          lean_dense)
+      (loss, tokens, chain), aux = jax.tree.unflatten(
+          jax.tree.structure(shape), outs)
+      missing = [s for s in remat_slots if s not in found]
+      if missing:
+        raise RuntimeError(
+            "compute_lean: the loss function took a different path than "
+            f"when it was planned (layers {missing}); pass "
+            "`compute_lean=False`.")
+      tokens = tuple(found.get(s, t) for s, t in enumerate(tokens))
+      return (loss, tokens, chain), aux
+
+    def traced_forward(packed_sink, norm_sink, slot_params):
       tree_leaves = list(flat)
       tokens = [None] * num_slots
       # Compute-lean: the chain (a tuple, see `linearize`) runs through the
       # taps, then through the Dense calls in execution order.
       chain = [packed_sink]
       for slot, position in enumerate(slot_leaves):
-        if slot in lean_slots:
+        if slot in lean_slots or slot in remat_slots:
+          # Taken over in their Dense call (remat: by `_lean_remat`).
           tree_leaves[position] = slot_params[slot]
         elif sinks.chained:
           tree_leaves[position], tokens[slot], chain[0] = _chained_tap(
@@ -826,11 +864,12 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
       slot_of_object = {id(tree_leaves[slot_leaves[s]]): s
                         for s in lean_slots}
 
+      norm_sinks[0] = norm_sink
+
       def dense(module, inputs, kernel, slot):
-        outputs, tokens[slot], chain[0] = _lean_dense(
-            sinks, slot, flat[slot_leaves[slot]].dtype, module.precision,
-            inputs, jnp.asarray(kernel, inputs.dtype), chain[0],
-            norm_sink[slot])
+        outputs, tokens[slot], chain[0] = lean_dense(
+            slot, inputs, jnp.asarray(kernel, inputs.dtype),
+            module.precision, chain[0])
         return outputs
 
       interceptor = _DenseInterceptor(slot_of_object, dense)
@@ -878,9 +917,11 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
 def _plan_compute_lean(call_loss, flat, treedef, slot_leaves, paths):
   """Which leaves only ever feed one plain ``nn.Dense`` call (by tracing).
 
-  Returns ``(lean_slots, reasons)``: ``reasons`` maps the path of every
-  Dense kernel (or, for a call inside ``nn.scan`` / ``nn.remat``, the Dense
-  module) that cannot be taken over to why.
+  Returns ``(lean_slots, remat_slots, reasons)``: slots taken over in their
+  Dense call, slots taken over inside ``jax.checkpoint`` (``nn.remat``; see
+  :mod:`blockllm_jax._lean_remat`), and ``reasons``, which maps the path of
+  every Dense kernel (or, for a call inside ``nn.scan`` and the like, the
+  Dense module) that cannot be taken over to why.
   """
   num_slots = len(slot_leaves)
   recorded, passed_over = {}, {}
@@ -919,4 +960,13 @@ def _plan_compute_lean(call_loss, flat, treedef, slot_leaves, paths):
       reasons[path] = "also used outside its Dense call"
     else:
       lean.add(slot)
-  return frozenset(lean), reasons
+  remat = _lean_remat.remat_dense_slots(
+      jaxpr, {jaxpr.invars[s]: s for s in range(num_slots) if s not in lean})
+  # Dense modules inside nn.remat were passed over by the interceptor; the
+  # ones whose kernel is taken over in its checkpoint are not a fallback.
+  remat_paths = {paths[slot_leaves[s]] for s in remat}
+  for where in list(reasons):
+    if any(p == f"{where}/kernel" or p.endswith(f"/{where}/kernel")
+           for p in remat_paths):
+      del reasons[where]
+  return frozenset(lean), remat, reasons
