@@ -18,9 +18,8 @@ is allocated, and reports:
   method's memory model: the whole tree for a plain step (an upper bound:
   a compiler may fuse some leaves' updates into the backward pass), the
   adapters for LoRA, and for a lean step the largest eligible leaf's
-  gradient (each is folded into the moments as it arrives), plus a packed
-  gradient (one moment buffer) where compute-lean cannot take the layers
-  over (under ``--remat``);
+  gradient (each is folded into the moments as it arrives, also inside
+  ``nn.remat``);
 - **activations**: what our LLaMA saves for its backward pass, counted
   tensor by tensor (:func:`activation_bytes`; with ``--remat`` the layer
   inputs plus one layer being recomputed);
@@ -238,7 +237,7 @@ def activation_bytes(settings: models.LlamaSettings, batch: int, seq: int,
   return int(layers + head)
 
 
-def held_gradient_bytes(method: str, params, state, *, remat: bool = False,
+def held_gradient_bytes(method: str, params, state, *,
                         train_embeddings: bool = False) -> int:
   """The gradient a method's step holds at its peak (the memory model).
 
@@ -246,14 +245,12 @@ def held_gradient_bytes(method: str, params, state, *, remat: bool = False,
     method: one of :data:`METHODS`.
     params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
     state: the optimizer state (for a lean step, holding the moments).
-    remat: the model rematerialises its layers (compute-lean does not take
-      Dense layers under ``nn.remat`` over, so their gradients are packed).
     train_embeddings: the block optimizers may train embeddings / head.
 
   Returns:
     Bytes: the whole gradient for a plain step, the adapters' for LoRA, the
-    largest eligible leaf's for a lean step (plus one moment buffer under
-    ``remat``).
+    largest eligible leaf's for a lean step (with or without ``nn.remat``:
+    compute-lean takes Dense layers over inside their checkpoints).
   """
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   nbytes = lambda x: int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
@@ -263,8 +260,6 @@ def held_gradient_bytes(method: str, params, state, *, remat: bool = False,
     eligible = [nbytes(x) for path, x in flat
                 if train_embeddings or _eligible(path)]
     largest = max(eligible, default=0)
-    if remat:
-      return nbytes(_engine_state(state).mu) + largest
     # Compute-lean: each selected gradient is folded into the moments as
     # it arrives; one is being written at a time.
     return largest
@@ -274,16 +269,6 @@ def held_gradient_bytes(method: str, params, state, *, remat: bool = False,
 def _eligible(path) -> bool:
   from blockllm_jax import _layout
   return _layout.default_eligible(path, None)
-
-
-def _engine_state(state):
-  """The block optimizer's state (holding ``mu``) inside a chain's state."""
-  kinds = (_blockllm.ScaleByBlockLLMState, _badam.ScaleByBAdamState)
-  found = [x for x in jax.tree_util.tree_leaves(
-      state, is_leaf=lambda x: isinstance(x, kinds)) if isinstance(x, kinds)]
-  if not found:
-    raise ValueError("No block optimizer state found.")
-  return found[0]
 
 
 def build_step(settings: models.LlamaSettings, config: StepConfig,
@@ -366,7 +351,6 @@ def estimate(settings: models.LlamaSettings, config: StepConfig, *,
       method=config.method, num_params=int(sum(np.prod(x.shape) for x in leaves)),
       weights=_memory.state_bytes(params), state=_memory.state_bytes(state),
       gradient=held_gradient_bytes(config.method, params, state,
-                                   remat=settings.remat,
                                    train_embeddings=config.train_embeddings),
       activations=activation_bytes(settings, config.batch, config.seq,
                                    config.compute_dtype),
@@ -465,12 +449,6 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
   instruments = sorted({e.instrument for e in estimates if e.xla is not None})
   for instrument in instruments:
     print(f"XLA column measured by {instrument}.")
-  if args.remat and any(m.endswith("-lean") for m in methods):
-    print("warning: lean steps under --remat: compute-lean does not take over "
-          "Dense layers inside nn.remat, so the step packs its gradient and "
-          "recomputes its forward pass to reselect; XLA:CPU measured 102 GiB "
-          "for blockllm-lean at llama-7b x 512 in float32 (model: 33 GiB, and "
-          "39 GiB measured without --remat). Prefer lean steps without remat.")
   print(f"fits: peak <= {USABLE_FRACTION:.0%} of the card (GiB); peak = XLA's "
         "figure where it measured the requested dtypes, else the model total.")
   return estimates
