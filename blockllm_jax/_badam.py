@@ -252,7 +252,12 @@ def _scale_by_block_adam(
         partition.layout.eligible_index, packed=adam, offset=offset,
         dense=_corrections.dense_needed(partition.role, fix),
         mesh_plan=mesh_plan)
-    return result.packed, result.dense
+    return result.packed, per_group(partition, result.dense)
+
+  def per_group(partition, dense):
+    """Per-unit dense gradients -> one per group (a stack's units share
+    its leaf), as the corrections take them."""
+    return [dense[group.start] for group in partition.layout.groups()]
 
   def fused_backward(grads, partition, plan, schedule, adam, offset,
                      finite_loss, state):
@@ -274,7 +279,7 @@ def _scale_by_block_adam(
         offset=offset, dense=_corrections.dense_needed(partition.role, fix),
         moments=(zero(state.mu), zero(state.nu)), adam=settings,
         salt=state.count)
-    return result, result.dense
+    return result, per_group(partition, result.dense)
 
   def local_update(updates, state, params, value, reduce=None):
     """The update on one device's shards (all of the params without
@@ -304,13 +309,11 @@ def _scale_by_block_adam(
     if isinstance(updates, _lean.PackedStep):
       packed, grads = updates.packed, updates.dense
     elif lean and updates.fused_capable:
-      _layout.require_unstacked_for_lean(layout)
       fused, grads = fused_backward(updates, partition, plan, schedule, adam,
                                     offset, finite, state)
       packed = None
       finite &= jnp.all(jnp.isfinite(fused.norm_sq))
     elif lean:
-      _layout.require_unstacked_for_lean(layout)
       packed, grads = lean_backward(updates, partition, adam, offset)
     else:
       # One gradient per group of units (a stacked leaf whole).

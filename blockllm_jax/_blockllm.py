@@ -323,7 +323,6 @@ def scale_by_blockllm(
                            state.visit_count, state.mu, state.nu)
 
     if isinstance(updates, _lean.LeanGradients):
-      _layout.require_unstacked_for_lean(layout)
       step_of = (fused_lean_step if updates.fused_capable and reduce is None
                  else lean_gradients)
       updates = step_of(updates, layout.eligible_index, state, loss,

@@ -325,15 +325,6 @@ def check_layer_axis_support(layer_axis: LayerAxis, param_sharding) -> None:
         "or train without `param_sharding`.")
 
 
-def require_unstacked_for_lean(layout: LeafLayout) -> None:
-  """Lean steps pack whole leaves; stacked units are not taken yet."""
-  if layout.stacked:
-    raise ValueError(
-        "`layer_axis`: `lean_value_and_grad` does not yet pack the layers of "
-        "a stacked leaf as separate units; use `jax.value_and_grad` with "
-        "this optimizer, or `layer_axis=None`.")
-
-
 def build_layout(tree, eligible: Eligible = None,
                  layer_axis: LayerAxis = None) -> LeafLayout:
   """Computes the static layout of ``tree`` under the ``eligible`` rule.

@@ -52,7 +52,7 @@ from jax.sharding import PartitionSpec as P
 from blockllm_jax import _engine
 from blockllm_jax import _introspect
 from blockllm_jax import _layout
-from blockllm_jax import _lean_remat
+from blockllm_jax import _lean_transforms
 from blockllm_jax import _nnx
 
 # Offsets travel through a float32 cotangent as ``high * 2**12 + low``, both
@@ -123,6 +123,9 @@ class _Sinks:
     # Taps thread the chain too (compute-lean), so that moments can be
     # updated in the backward pass; else they add into a packed sink.
     self.chained = chained
+    # Per slot: the layers a scan slices it into (1: not scanned); a
+    # scanned slot's control and norm have one row per layer.
+    self.layers = (1,) * num_slots
     self.request = _Request()
 
 
@@ -501,6 +504,13 @@ class LeanGradients:
     self.packed_dtype = sinks.packed_dtype
     # Moments can be updated in the backward pass (:meth:`backward`).
     self.fused_capable = sinks.chained
+    flat = jax.tree_util.tree_flatten_with_path(params_like)[0]
+    self._slot_shapes = [None] * sinks.num_slots
+    self._slot_paths = [None] * sinks.num_slots
+    for position, slot in enumerate(slot_of_leaf):
+      if slot is not None:
+        self._slot_paths[slot] = _layout.path_to_str(flat[position][0])
+        self._slot_shapes[slot] = flat[position][1].shape
 
   def recompute(self) -> "LeanGradients":
     """The same deferred gradient from a fresh forward pass.
@@ -584,12 +594,18 @@ class LeanGradients:
       if slot is None:
         raise ValueError(f"Leaf {position} is not a float parameter leaf.")
       slots.append(slot)
+    rows = self._unit_rows(slots)
     dense = tuple(dense) or (False,) * len(slots)
     live = [False] * num_slots
     dense_slots = [False] * num_slots
     for slot, is_dense in zip(slots, dense, strict=True):
       live[slot] = True
       dense_slots[slot] = bool(is_dense)
+      if is_dense and rows.per_layer[slot]:
+        raise ValueError(
+            "`layer_axis`: a lean step cannot return the whole gradient of "
+            "a stacked leaf's layers (a BREAD correction); use "
+            "`jax.value_and_grad` with this optimizer.")
     fused = moments is not None
     if fused and (not self.fused_capable or mesh_plan is not None or
                   packed is None):
@@ -603,16 +619,20 @@ class LeanGradients:
                        want_norms=norms is not None,
                        mesh=self._mesh_packing(mesh_plan),
                        fused=adam if fused else None)
-    control = jnp.zeros([num_slots, _CONTROL], jnp.float32)
-    index = jnp.asarray(slots, jnp.int32)
+    # One control row per layer of each slot (one for an unscanned slot),
+    # read from its unit: a whole scanned stack taken as one unit spreads
+    # over its layers' consecutive windows.
+    unit = jnp.asarray(np.maximum(rows.unit, 0))
+    asked = jnp.asarray(rows.unit >= 0)
+    control = [jnp.zeros(rows.unit.shape, jnp.float32)] * _CONTROL
     if packed is not None:
       if offset is None:
         raise ValueError("`packed` needs `offset`.")
-      high, low = _encode_offset(jnp.asarray(offset))
-      control = control.at[index, 0].set(jnp.asarray(packed, jnp.float32))
-      control = control.at[index, 2].set(high).at[index, 3].set(low)
+      at = jnp.asarray(offset, jnp.int32)[unit] + jnp.asarray(rows.shift)
+      control[0] = jnp.where(asked, jnp.asarray(packed, jnp.float32)[unit], 0)
+      control[2], control[3] = _encode_offset(jnp.where(asked, at, 0))
     if norms is not None:
-      control = control.at[index, 1].set(jnp.asarray(norms, jnp.float32))
+      control[1] = jnp.where(asked, jnp.asarray(norms, jnp.float32)[unit], 0)
     # The backward rules read `request` now, while this call traces them.
     self._sinks.request = request
     packed_seed = self.zeros_packed(mesh_plan)
@@ -627,20 +647,77 @@ class LeanGradients:
                        jnp.zeros([], jnp.float32))
     # Each slot's control arrives as an array of its own (not a slice of
     # the matrix), so that same-shaped leaves share compiled kernels.
-    rows = _engine.split_rows([control[:, k] for k in range(_CONTROL)])
+    split = [jnp.stack(row) for row in _engine.split_rows(control)]
+    tokens = tuple(
+        split[rows.start[slot]] if self._sinks.layers[slot] == 1 else
+        jnp.stack(split[rows.start[slot]:rows.start[slot + 1]])
+        for slot in range(num_slots))
     packed_ct, norm_ct, param_cts = self._vjp_fn(
-        (jnp.ones_like(self._loss), tuple(jnp.stack(row) for row in rows),
-         packed_seed))
+        (jnp.ones_like(self._loss), tokens, packed_seed))
     chain = packed_ct
     if self._sinks.chained:
       packed_ct = chain[0]
     return LeanResult(
         packed=packed_ct if packed is not None and not fused else None,
         moments=(chain[0], chain[1]) if fused else None,
-        norm_sq=(jnp.stack([norm_ct[slot] for slot in slots])
+        norm_sq=(rows.unit_norms(slots, norm_ct)
                  if norms is not None else None),
         dense=[param_cts[slot] if d else None
                for slot, d in zip(slots, dense)])
+
+
+  def _unit_rows(self, slots: Sequence[int]) -> "_UnitRows":
+    """The control rows of the units on ``slots`` (static)."""
+    layers = self._sinks.layers
+    start = np.concatenate([[0], np.cumsum(layers)]).astype(int)
+    unit = np.full([start[-1]], -1, np.int64)
+    shift = np.zeros([start[-1]], np.int64)
+    per_layer = [False] * len(layers)
+    where = {}
+    for u, slot in enumerate(slots):
+      where.setdefault(slot, []).append(u)
+    for slot, units in where.items():
+      count = layers[slot]
+      rows = np.arange(start[slot], start[slot + 1])
+      if len(units) == count:  # a unit per layer (or an unscanned leaf)
+        unit[rows] = units
+        per_layer[slot] = count > 1
+      elif len(units) == 1:  # a whole scanned stack as one unit
+        size = int(np.prod(self._slot_shapes[slot])) // count
+        unit[rows] = units[0]
+        shift[rows] = np.arange(count) * size
+      else:
+        sliced = (f"that nn.scan slices into {count} layers" if count > 1
+                  else "that no nn.scan slices along its axis 0 (or "
+                  "compute_lean=False)")
+        raise ValueError(
+            f"`layer_axis`: the optimizer has {len(units)} units on "
+            f"{self._slot_paths[slot]}, {sliced}; a lean step needs one "
+            "unit per layer of a leaf scanned along axis 0, or one for the "
+            "whole leaf.")
+    return _UnitRows(start=tuple(start), unit=unit, shift=shift,
+                     per_layer=tuple(per_layer))
+
+
+class _UnitRows(NamedTuple):
+  """Control rows (static): each slot has ``layers`` consecutive rows."""
+
+  start: tuple  # int per slot (and the end): its first row
+  unit: np.ndarray  # int[rows]: the unit a row reads, -1: none
+  shift: np.ndarray  # int[rows]: added to the unit's offset (whole stack)
+  per_layer: tuple  # bool per slot: its units are its layers
+
+  def unit_norms(self, slots, norm_ct) -> jax.Array:
+    """Each unit's squared norm (a whole stack's: the sum of its layers')."""
+    out, seen = [], {}
+    for slot in slots:
+      value = norm_ct[slot]
+      if self.per_layer[slot]:
+        out.append(value[seen.get(slot, 0)])
+        seen[slot] = seen.get(slot, 0) + 1
+      else:
+        out.append(jnp.sum(value))
+    return jnp.stack(out)
 
 
 def _warn_fallback(reasons: dict):
@@ -799,44 +876,48 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
       out = loss_fn(tree, *args, **kwargs)
       return out if has_aux else (out, None)
 
-    lean_slots = remat_slots = frozenset()
+    lean_slots, taken = frozenset(), {}
     if compute_lean and num_slots:
-      lean_slots, remat_slots, reasons = _plan_compute_lean(
+      lean_slots, taken, reasons = _plan_compute_lean(
           call_loss, flat, treedef, slot_leaves, paths)
       if warn:
         _warn_fallback(reasons)
     # With no Dense taken over, chained taps would only hold every tapped
     # gradient until the end of the backward pass: add into a packed sink.
-    sinks.chained = bool(lean_slots | remat_slots)
+    sinks.chained = bool(lean_slots) or bool(taken)
+    # A scanned leaf's layers (the scan's length); 1 for the others.
+    sinks.layers = tuple(taken[s].layers if s in taken else 1
+                         for s in range(num_slots))
 
-    def lean_dense(slot, inputs, kernel, precision, chain):
+    def lean_dense(slot, inputs, kernel, precision, chain, norm_sink):
       """A taken-over Dense: (outputs, control token, chain)."""
       return _lean_dense(sinks, slot, flat[slot_leaves[slot]].dtype,
-                         precision, inputs, kernel, chain,
-                         norm_sinks[0][slot])
+                         precision, inputs, kernel, chain, norm_sink)
 
-    norm_sinks = [None]  # the norm sinks of the forward pass being traced
+    def chained_tap(slot, value, chain, norm_sink):
+      return _chained_tap(sinks, slot, value, chain, norm_sink)
+
+    hooks = _lean_transforms.Hooks(dense=lean_dense, tap=chained_tap)
 
     def forward(packed_sink, norm_sink, slot_params):
-      if not remat_slots:
+      if not taken:
         return traced_forward(packed_sink, norm_sink, slot_params)
-      # Dense layers inside nn.remat: trace, then evaluate the jaxpr with
-      # their checkpoints rebuilt (`_lean_remat`).
+      # Layers inside nn.remat / nn.scan: trace, then evaluate the jaxpr
+      # with their checkpoints and scans rebuilt (`_lean_transforms`).
       closed, shape = jax.make_jaxpr(traced_forward, return_shape=True)(
           packed_sink, norm_sink, slot_params)
-      norm_sinks[0] = norm_sink  # (tracing set it to its own tracers)
       num_chain = len(jax.tree.leaves(packed_sink))
-      num_sinks = len(jax.tree.leaves(norm_sink))
-      remat_slot_of_var = {
-          closed.jaxpr.invars[num_chain + num_sinks + s]: s
-          for s in remat_slots}
-      args = jax.tree.leaves((packed_sink, norm_sink, slot_params))
-      outs, found = _lean_remat.run(
-          closed, args, closed.jaxpr.invars[:num_chain], remat_slot_of_var,
-          lean_dense)
+      first_param = num_chain + len(jax.tree.leaves(norm_sink))
+      found: dict = {}
+      outs, _ = _lean_transforms.evaluate(
+          closed.jaxpr, closed.consts,
+          jax.tree.leaves((packed_sink, norm_sink, slot_params)),
+          {closed.jaxpr.invars[first_param + s]: s for s in taken},
+          {s: norm_sink[s] for s in taken}, hooks, found,
+          chain_vars=closed.jaxpr.invars[:num_chain])
       (loss, tokens, chain), aux = jax.tree.unflatten(
           jax.tree.structure(shape), outs)
-      missing = [s for s in remat_slots if s not in found]
+      missing = [s for s in taken if s not in found]
       if missing:
         raise RuntimeError(
             "compute_lean: the loss function took a different path than "
@@ -852,8 +933,9 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
       # taps, then through the Dense calls in execution order.
       chain = [packed_sink]
       for slot, position in enumerate(slot_leaves):
-        if slot in lean_slots or slot in remat_slots:
-          # Taken over in their Dense call (remat: by `_lean_remat`).
+        if slot in lean_slots or slot in taken:
+          # Taken over in their Dense call (inside nn.remat / nn.scan: by
+          # `_lean_transforms`).
           tree_leaves[position] = slot_params[slot]
         elif sinks.chained:
           tree_leaves[position], tokens[slot], chain[0] = _chained_tap(
@@ -864,12 +946,10 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
       slot_of_object = {id(tree_leaves[slot_leaves[s]]): s
                         for s in lean_slots}
 
-      norm_sinks[0] = norm_sink
-
       def dense(module, inputs, kernel, slot):
         outputs, tokens[slot], chain[0] = lean_dense(
             slot, inputs, jnp.asarray(kernel, inputs.dtype),
-            module.precision, chain[0])
+            module.precision, chain[0], norm_sink[slot])
         return outputs
 
       interceptor = _DenseInterceptor(slot_of_object, dense)
@@ -899,7 +979,9 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
       # One scalar per slot: its cotangent is the slot's squared norm, with
       # no scatter into a shared vector (which would put the slot's index
       # into, and so make distinct, every slot's kernel).
-      norm_sink = tuple(jnp.zeros([], jnp.float32) for _ in range(num_slots))
+      norm_sink = tuple(jnp.zeros([], jnp.float32) if layers == 1 else
+                        jnp.zeros([layers], jnp.float32)
+                        for layers in sinks.layers)
       slot_params = tuple(flat[p] for p in slot_leaves)
       (loss, _, _), vjp_fn, aux = jax.vjp(forward, packed_sink, norm_sink,
                                        slot_params, has_aux=True)
@@ -917,11 +999,12 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
 def _plan_compute_lean(call_loss, flat, treedef, slot_leaves, paths):
   """Which leaves only ever feed one plain ``nn.Dense`` call (by tracing).
 
-  Returns ``(lean_slots, remat_slots, reasons)``: slots taken over in their
-  Dense call, slots taken over inside ``jax.checkpoint`` (``nn.remat``; see
-  :mod:`blockllm_jax._lean_remat`), and ``reasons``, which maps the path of
-  every Dense kernel (or, for a call inside ``nn.scan`` and the like, the
-  Dense module) that cannot be taken over to why.
+  Returns ``(lean_slots, taken, reasons)``: slots taken over in their Dense
+  call; slot -> ``_lean_transforms.Plan`` of those taken over inside
+  ``jax.checkpoint`` / ``lax.scan`` (``nn.remat`` / ``nn.scan``); and
+  ``reasons``, which maps the path of every Dense kernel (or, for a call
+  inside a transformed function, the Dense module) that cannot be taken
+  over to why.
   """
   num_slots = len(slot_leaves)
   recorded, passed_over = {}, {}
@@ -960,13 +1043,13 @@ def _plan_compute_lean(call_loss, flat, treedef, slot_leaves, paths):
       reasons[path] = "also used outside its Dense call"
     else:
       lean.add(slot)
-  remat = _lean_remat.remat_dense_slots(
+  taken = _lean_transforms.plan(
       jaxpr, {jaxpr.invars[s]: s for s in range(num_slots) if s not in lean})
-  # Dense modules inside nn.remat were passed over by the interceptor; the
-  # ones whose kernel is taken over in its checkpoint are not a fallback.
-  remat_paths = {paths[slot_leaves[s]] for s in remat}
+  # Dense modules inside nn.remat / nn.scan were passed over by the
+  # interceptor; those whose kernel is taken over there are no fallback.
+  taken_paths = {paths[slot_leaves[s]] for s in taken}
   for where in list(reasons):
     if any(p == f"{where}/kernel" or p.endswith(f"/{where}/kernel")
-           for p in remat_paths):
+           for p in taken_paths):
       del reasons[where]
-  return frozenset(lean), remat, reasons
+  return frozenset(lean), taken, reasons

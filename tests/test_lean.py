@@ -234,27 +234,6 @@ def test_fallback_warns_and_stays_exact():
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("layout,where", [
-    (dict(scan_layers=True), "model/layers/mlp/up_proj"),
-    (dict(scan_layers=True, remat=True), "model/layers/mlp/down_proj"),
-])
-def test_dense_inside_scan_is_named_in_a_warning(layout, where):
-  import dataclasses
-  model = LlamaForCausalLM(dataclasses.replace(TINY_LLAMA, **layout))
-  params = model.init(jax.random.PRNGKey(0), batch_at(0))["params"]
-  tx = bl.blockllm(1e-3)
-  grad_fn = bl.lean_value_and_grad(loss_of(model))
-
-  def step(params, state, tokens):
-    loss, grads = grad_fn(params, state, tokens)
-    return tx.update(grads, state, params, value=loss)
-
-  with pytest.warns(UserWarning, match="fall back") as record:
-    jax.eval_shape(step, params, tx.init(params), batch_at(0))
-  message = str(record[0].message)
-  assert f"{where}: inside a transformed function" in message
-
-
 def test_lean_step_compiles_once_across_reselections():
   tx = OPTIMIZERS["blockllm"]()
   traces = []

@@ -8,6 +8,7 @@ gradient), reselections and block switches included.
 """
 
 import os
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -116,12 +117,15 @@ OPTIMIZERS = {
 }
 
 
-def _train(tx, loss_fn, params, steps=9):
+def _train(tx, loss_fn, params, steps=9, lean=False):
   state = tx.init(params)
 
   @jax.jit
   def step(params, state, tokens):
-    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+    if lean:
+      loss, grads = bl.lean_value_and_grad(loss_fn)(params, state, tokens)
+    else:
+      loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
     updates, state = tx.update(grads, state, params, value=loss)
     return optax.apply_updates(params, updates), state
 
@@ -246,16 +250,44 @@ def test_unsupported_combinations_say_so():
   with pytest.raises(ValueError, match="layer_axis.*param_sharding"):
     bl.badam(1e-3, layer_axis=0, param_sharding=sharding)
   tokens = jnp.zeros((1, 5), jnp.int32)
-  for tx in (bl.blockllm(1e-3, layer_axis=0), bl.badam(1e-3, layer_axis=0)):
-    state = tx.init(params)
+  middle = stack(unstacked_params(jax.random.PRNGKey(0)), 1)
+  # Lean steps take a stack's layers one by one inside the scan that slices
+  # them: not kernels moved to axis 0 first (the middle axis), not with
+  # tier B alone, not for a correction that needs the whole gradient.
+  cases = [(bl.blockllm(1e-3, layer_axis=layer_axis_of(1)), middle, 1, True),
+           (bl.badam(1e-3, layer_axis=0), params, 0, False),
+           (bl.bread(1e-3, correction="sgd", layer_axis=0), params, 0, True)]
+  for tx, tree, axis, compute_lean in cases:
+    state = tx.init(tree)
+    grad_fn = bl.lean_value_and_grad(stacked_loss(axis),
+                                     compute_lean=compute_lean)
 
     def step(params, state):
-      loss, grads = bl.lean_value_and_grad(stacked_loss(0))(params, state,
-                                                            tokens)
+      loss, grads = grad_fn(params, state, tokens)
       return tx.update(grads, state, params, value=loss)
 
-    with pytest.raises(ValueError, match="layer_axis.*lean_value_and_grad"):
-      jax.eval_shape(step, params, state)
+    with pytest.raises(ValueError, match="layer_axis"):
+      jax.eval_shape(step, tree, state)
+
+
+@pytest.mark.parametrize("name", ["blockllm", "blockllm-decay-topk", "badam"])
+def test_lean_stacked_trains_like_the_same_layers_unstacked(name):
+  """Lean steps on a raw ``lax.scan`` over stacked layers (no Flax): each
+  layer's gradient is taken inside the scan (kernels by the lean Dense,
+  the norms' scales by a tap per layer)."""
+  flat = unstacked_params(jax.random.PRNGKey(0))
+  want, want_state = _train(OPTIMIZERS[name](), unstacked_loss, flat)
+  with warnings.catch_warnings():
+    # Every layer taken over: no fallback warning.
+    warnings.filterwarnings("error", message="compute_lean")
+    got, got_state = _train(OPTIMIZERS[name](layer_axis=0), stacked_loss(0),
+                            stack(flat, 0), lean=True)
+  assert int(bl.reselection_count(got_state)) >= 3
+  assert int(bl.reselection_count(got_state)) == int(
+      bl.reselection_count(want_state))
+  for path, a in jax.tree_util.tree_leaves_with_path(unstack(got, 0)):
+    np.testing.assert_allclose(a, want_at(want, path), rtol=2e-5, atol=2e-6,
+                               err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("name", ["blockllm", "bread-sgd"])

@@ -1,4 +1,4 @@
-"""Compute-lean Dense layers inside ``nn.remat`` (``_lean_remat``)."""
+"""Lean steps inside ``nn.remat`` and ``nn.scan`` (``_lean_transforms``)."""
 
 import dataclasses
 import os
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import blockllm_jax as bl
-from blockllm_jax import _lean_remat
+from blockllm_jax import _lean_transforms
 from blockllm_jax.models import LlamaForCausalLM
 
 from test_lean import OPTIMIZERS
@@ -149,7 +149,7 @@ def test_a_kernel_used_twice_in_its_checkpoint_falls_back_with_a_warning():
   assert "once" not in messages[0]
 
 
-def test_remat_dense_slots_reads_the_pattern():
+def test_plan_reads_the_dense_pattern():
   def f(w, v, u, x):
     def layer(w, v, u, x):
       h = jnp.dot(x, w.astype(jnp.bfloat16))  # cast kernel: taken
@@ -159,9 +159,9 @@ def test_remat_dense_slots_reads_the_pattern():
   w, v, u = jnp.ones((4, 4)), jnp.ones((4, 4)), jnp.ones((3, 4))
   x = jnp.ones((2, 4), jnp.bfloat16)
   jaxpr = jax.make_jaxpr(f)(w, v, u, x).jaxpr
-  slots = _lean_remat.remat_dense_slots(
+  plans = _lean_transforms.plan(
       jaxpr, {var: i for i, var in enumerate(jaxpr.invars[:3])})
-  assert slots == {0}
+  assert plans == {0: _lean_transforms.Plan("remat", 0)}
 
 
 def test_remat_lean_step_is_at_the_static_freeze_floor():
@@ -176,3 +176,62 @@ def test_remat_lean_step_is_at_the_static_freeze_floor():
   plain = _memory(plain_step(blockllm, loss_fn), blockllm, params, tokens)
   assert lean.total <= 1.03 * floor.total, (lean, floor)
   assert lean.temp < plain.temp / 3, (lean, plain)
+
+
+SCANNED = {
+    "scanned": LlamaForCausalLM(dataclasses.replace(TINY_LLAMA,
+                                                    scan_layers=True)),
+    "scanned+remat": LlamaForCausalLM(dataclasses.replace(
+        TINY_LLAMA, scan_layers=True, remat=True)),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(SCANNED))
+@pytest.mark.parametrize("name,layer_axis", [("blockllm", 0),
+                                             ("blockllm", None),
+                                             ("badam", 0)])
+def test_scanned_llama_lean_matches_plain(layout, name, layer_axis):
+  """Each (leaf, layer) unit's gradient is taken inside the scan; with
+  ``layer_axis=None`` a whole stack is one unit spread over its layers."""
+  model = SCANNED[layout]
+  base = {"blockllm": dict(learning_rate=3e-3, sparsity=0.8, patience=2,
+                           stall_tolerance=0.0, eps=1e-6),
+          "badam": dict(learning_rate=3e-3, switch_every=3, eps=1e-6)}[name]
+  tx = getattr(bl, name)(**base, layer_axis=layer_axis)
+  loss_fn = loss_of(model)
+  params = model.init(jax.random.PRNGKey(0), batch_at(0))["params"]
+  step = lean_step(tx, loss_fn)
+  assert _fallbacks(step, params, tx.init(params), batch_at(0)) == []
+  want, want_state, want_losses = run(plain_step(tx, loss_fn), tx, params, 9)
+  got, got_state, got_losses = run(step, tx, params, 9)
+  assert int(bl.reselection_count(got_state)) >= 3
+  assert int(bl.reselection_count(got_state)) == int(
+      bl.reselection_count(want_state))
+  np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+class Shared(nn.Module):
+  """A layer whose weights every scan step shares (``variable_broadcast``):
+  its kernel is not sliced per layer, so it is not taken over."""
+
+  @nn.compact
+  def __call__(self, x):
+    body = nn.scan(lambda module, x, _: (nn.Dense(8, name="shared")(x), None),
+                   variable_broadcast="params", split_rngs={"params": False},
+                   length=3)
+    x, _ = body(self, x, None)
+    return nn.Dense(8, name="head")(x)
+
+
+def test_a_dense_a_scan_does_not_slice_is_named_in_a_warning():
+  model = Shared()
+  x = jnp.ones((2, 8))
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  loss_fn = lambda p, x: jnp.sum(model.apply({"params": p}, x)**2)
+  tx = bl.blockllm(1e-2, eligible=lambda p, l: True)
+  messages = _fallbacks(lean_step(tx, loss_fn), params, tx.init(params), x)
+  assert len(messages) == 1
+  assert "shared: inside a transformed function" in messages[0]
+  assert "head" not in messages[0]
