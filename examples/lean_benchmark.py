@@ -23,7 +23,7 @@ Usage::
   python examples/lean_benchmark.py                      # CPU sizes
   python examples/lean_benchmark.py --sizes gpu-350m --dtype bfloat16 --peak
   python examples/lean_benchmark.py --scan-layers --remat \
-      --methods adamw blockllm badam
+      --methods adamw blockllm blockllm-compute-lean badam badam-compute-lean
 
 Writes ``results.json``, ``memory.md`` and ``memory.png`` to ``--out``.
 """
@@ -190,16 +190,20 @@ def main():
                       help="GPU: peak_bytes_in_use in a fresh process each")
   parser.add_argument("--scan-layers", action="store_true",
                       help="decoder layers under nn.scan (block optimizers "
-                           "with layer_axis=0; adamw, blockllm, badam only)")
+                           "with layer_axis=0; no static freeze, no tier B "
+                           "alone)")
   parser.add_argument("--remat", action="store_true",
                       help="rematerialise each decoder layer")
   parser.add_argument("--single", choices=METHODS, help=argparse.SUPPRESS)
   parser.add_argument("--out", type=Path, default=Path("runs/lean_benchmark"))
   args = parser.parse_args()
-  if args.scan_layers and set(args.methods) - {"adamw", "blockllm", "badam"}:
-    parser.error("--scan-layers: only adamw, blockllm and badam (the static "
-                 "freeze and the lean steps do not take stacked layers "
-                 "yet).")
+  scanned_ok = {"adamw", "blockllm", "badam", "blockllm-compute-lean",
+                "badam-compute-lean"}
+  if args.scan_layers and set(args.methods) - scanned_ok:
+    parser.error("--scan-layers: only " + ", ".join(sorted(scanned_ok)) +
+                 " (a static freeze cannot mask single layers of a stacked "
+                 "leaf; the lean steps take stacked layers per unit at the "
+                 "compute-lean tier only).")
 
   if args.single:
     print(json.dumps(measure(args.single, args.sizes[0], args)))
