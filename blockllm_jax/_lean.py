@@ -647,10 +647,17 @@ class LeanGradients:
                        jnp.zeros([], jnp.float32))
     # Each slot's control arrives as an array of its own (not a slice of
     # the matrix), so that same-shaped leaves share compiled kernels.
-    split = [jnp.stack(row) for row in _engine.split_rows(control)]
+    # A scanned slot's rows are one [layers, 4] slice (the program does
+    # not grow with depth); the others arrive as arrays of their own.
+    layers = self._sinks.layers
+    single = [rows.start[slot] for slot in range(num_slots)
+              if layers[slot] == 1]
+    split = dict(zip(single, (jnp.stack(row) for row in _engine.split_rows(
+        [column[np.asarray(single, np.int64)] for column in control]))))
     tokens = tuple(
-        split[rows.start[slot]] if self._sinks.layers[slot] == 1 else
-        jnp.stack(split[rows.start[slot]:rows.start[slot + 1]])
+        split[rows.start[slot]] if layers[slot] == 1 else jnp.stack(
+            [column[rows.start[slot]:rows.start[slot + 1]]
+             for column in control], axis=1)
         for slot in range(num_slots))
     packed_ct, norm_ct, param_cts = self._vjp_fn(
         (jnp.ones_like(self._loss), tokens, packed_seed))
@@ -708,16 +715,19 @@ class _UnitRows(NamedTuple):
   per_layer: tuple  # bool per slot: its units are its layers
 
   def unit_norms(self, slots, norm_ct) -> jax.Array:
-    """Each unit's squared norm (a whole stack's: the sum of its layers')."""
-    out, seen = [], {}
-    for slot in slots:
+    """Each unit's squared norm (a whole stack's: the sum of its layers');
+    a stack's units are consecutive, in layer order."""
+    out, unit = [], 0
+    while unit < len(slots):
+      slot = slots[unit]
       value = norm_ct[slot]
       if self.per_layer[slot]:
-        out.append(value[seen.get(slot, 0)])
-        seen[slot] = seen.get(slot, 0) + 1
+        out.append(value)
+        unit += value.shape[0]
       else:
-        out.append(jnp.sum(value))
-    return jnp.stack(out)
+        out.append(jnp.sum(value)[None])
+        unit += 1
+    return jnp.concatenate(out)
 
 
 def _warn_fallback(reasons: dict):

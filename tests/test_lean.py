@@ -284,13 +284,13 @@ def _memory(step, tx, params, tokens):
   return bl.CompiledMemory.of(compiled)
 
 
-def _weights_dominated_llama(remat=False):
+def _weights_dominated_llama(remat=False, scan_layers=False):
   """(tokens, params, loss_fn) of a LLaMA whose activations are tiny next
   to its weights (1 x 8 tokens), so gradients dominate the temporaries."""
   settings = LlamaSettings(vocab_size=64, hidden_size=128,
                            intermediate_size=256, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=2,
-                           remat=remat)
+                           remat=remat, scan_layers=scan_layers)
   model = LlamaForCausalLM(settings)
   tokens = jnp.zeros((1, 8), jnp.int32)
   return tokens, model.init(jax.random.PRNGKey(0), tokens)["params"], loss_of(model)
