@@ -136,7 +136,7 @@ def parse_args(argv=None):
                  help="dtype of the block optimizers' Adam moments (e.g. bfloat16)")
   p.add_argument("--lean", action="store_true",
                  help="BlockLLM / BAdam / BREAD: lean train steps "
-                      "(bl.lean_value_and_grad; needs --no-scan-layers)")
+                      "(bl.lean_value_and_grad; BREAD needs --no-scan-layers)")
   p.add_argument("--lora-rank", type=int, default=8)
   p.add_argument("--lora-alpha", type=float, default=16.0)
   p.add_argument("--train-examples", type=int, default=None,
@@ -166,9 +166,9 @@ def parse_args(argv=None):
   for name, value in PRESETS[args.preset].items():
     if getattr(args, name, None) is None:
       setattr(args, name, value)
-  if args.lean and args.scan_layers:
-    p.error("--lean needs unrolled layers (--no-scan-layers): lean steps inside "
-            "nn.scan are not supported yet.")
+  if args.lean and args.scan_layers and "bread" in args.optimizer:
+    p.error("--lean with scanned layers: BREAD's SGD correction needs the "
+            "whole gradient of the stacked layers; pass --no-scan-layers.")
   if args.out_dir is None:
     args.out_dir = Path("runs") / ("finetune" if args.gguf is None else
                                    f"finetune_{args.gguf.stem.split('.')[0].lower()}")

@@ -160,14 +160,15 @@ def test_demo_fine_tunes_a_gguf_model_in_its_chat_template(demo, tmp_path):
   for row in out["results"]:
     assert np.mean(row["losses"][-4:]) < np.mean(row["losses"][:4]), row["optimizer"]
     assert 0.0 <= row["exact_match"] <= 1.0
-  # --lean (unrolled layers): the same losses as the plain step.
-  unrolled = ["--gguf", str(path), "--optimizer", "blockllm", "--steps", "4",
-              "--train-examples", "64", "--eval-examples", "16", "--tasks", "add",
-              "--no-progress", "--no-scan-layers"]
-  plain = demo.main(unrolled + ["--out-dir", str(tmp_path / "plain")])
-  lean = demo.main(unrolled + ["--lean", "--out-dir", str(tmp_path / "lean")])
+  # --lean on the scanned layers (taken inside nn.scan): the same losses as
+  # the plain step.
+  scanned = ["--gguf", str(path), "--optimizer", "blockllm", "--steps", "4",
+             "--train-examples", "64", "--eval-examples", "16", "--tasks", "add",
+             "--no-progress"]
+  plain = demo.main(scanned + ["--out-dir", str(tmp_path / "plain")])
+  lean = demo.main(scanned + ["--lean", "--out-dir", str(tmp_path / "lean")])
   assert lean["results"][0]["optimizer"] == "blockllm-lean"
   np.testing.assert_allclose(lean["results"][0]["losses"], plain["results"][0]["losses"],
                              rtol=1e-5)
-  with pytest.raises(SystemExit):  # lean inside nn.scan: refused by name
-    demo.parse_args(["--gguf", str(path), "--lean"])
+  with pytest.raises(SystemExit):  # BREAD's correction on stacked layers
+    demo.parse_args(["--gguf", str(path), "--lean", "--optimizer", "bread"])
