@@ -155,8 +155,6 @@ def _scale_by_block_adam(
   rule = _blocks.resolve_rule(blocks, layers_per_block, include_embedding,
                               include_head)
 
-  _layout.check_layer_axis_support(layer_axis, param_sharding)
-
   def partition_of(tree) -> _blocks.BlockPartition:
     return _blocks.build_partition(tree, rule, always_active,
                                    _corrections.adapter_rule(fix), layer_axis)
@@ -170,6 +168,7 @@ def _scale_by_block_adam(
                             include_head)
     _corrections.require_adapters(partition, fix)
     plan = _sharding.init_plan(param_sharding, params)
+    _layout.check_sharded_layers(partition.layout, plan)
     if plan is not None:
       # Each device packs its own shards: the plan of the local shapes.
       partition = partition_of(_sharding.local_tree(params, plan))

@@ -235,8 +235,6 @@ def scale_by_blockllm(
         "top-k of a leaf would need its whole direction on one device); "
         "use topk_fraction=1.0.")
 
-  _layout.check_layer_axis_support(layer_axis, param_sharding)
-
   def layout_of(tree):
     return _layout.build_layout(tree, eligible, layer_axis)
 
@@ -248,6 +246,7 @@ def scale_by_blockllm(
     capacity = _capacity(_validation.static_float("sparsity", sparsity),
                          layout)
     plan = _sharding.init_plan(param_sharding, params)
+    _layout.check_sharded_layers(layout, plan)
     if plan is not None:
       local = layout_of(_sharding.local_tree(params, plan))
       capacity = _sharding.local_capacity(capacity, layout.sizes,

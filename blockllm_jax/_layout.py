@@ -315,14 +315,22 @@ def _mask_leaves(eligible, tree, treedef, name: str = "eligible") -> list:
   return [bool(m) for m in mask_leaves]
 
 
-def check_layer_axis_support(layer_axis: LayerAxis, param_sharding) -> None:
-  """Stacked units are not yet supported on a mesh (construction time)."""
-  if layer_axis is not None and param_sharding is not None:
-    raise ValueError(
-        "`layer_axis` (stacked layers) is not supported with "
-        "`param_sharding` yet: a device would hold parts of several layers' "
-        "units. Pass `layer_axis=None` (each stacked leaf is then one unit) "
-        "or train without `param_sharding`.")
+def check_sharded_layers(layout: LeafLayout, plan) -> None:
+  """On a mesh (``plan``: a ``_sharding.MeshPlan``, or None) a stacked leaf
+  must keep its layer axis whole on every device: each device then holds
+  its shard of every layer's unit, as it does of every unstacked leaf."""
+  if plan is None:
+    return
+  for position, axis in enumerate(layout.layer_axes):
+    if axis is None:
+      continue
+    spec = tuple(plan.specs[position])
+    if axis < len(spec) and spec[axis] is not None:
+      raise ValueError(
+          f"`layer_axis`: {layout.paths[position]} stacks its layers on axis "
+          f"{axis}, which `param_sharding` splits over {spec[axis]!r}; keep "
+          "the layer axis unsharded (each device then holds its shard of "
+          "every layer) or pass `layer_axis=None`.")
 
 
 def build_layout(tree, eligible: Eligible = None,

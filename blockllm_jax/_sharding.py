@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from blockllm_jax import _introspect
+from blockllm_jax import _layout
 from blockllm_jax import _lean
 
 # State fields holding flat per-device moment buffers; every other field of
@@ -317,6 +318,7 @@ def dispatch(param_sharding, updates, state, params, value, *, layout_of,
   lean = isinstance(updates, _lean.LeanGradients)
   tree = updates.params_like if lean else updates
   layout = layout_of(tree)
+  _layout.check_sharded_layers(layout, plan)
   reduce = collective(plan, layout.eligible_index, layout.sizes)
   run = lambda u, s, p, v: local_update(u, s, p, v, reduce)
   if not lean:

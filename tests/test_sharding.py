@@ -2,6 +2,7 @@
 as one device, 1/8 of the state per device, no gathers, restore on another
 mesh."""
 
+import dataclasses
 import functools
 import re
 from typing import Any, NamedTuple
@@ -295,12 +296,15 @@ LLAMA = LlamaSettings(vocab_size=64, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2)
 LLAMA_OPTIMIZERS = {
-    "blockllm": lambda s: bl.blockllm(3e-3, sparsity=0.5, patience=2,
-                                      eligible=lambda path, leaf: True,
-                                      param_sharding=s),
-    "bread-sgd": lambda s: bl.bread(3e-3, correction="sgd", switch_every=2,
-                                    scope="partial", weight_decay=0.1,
-                                    param_sharding=s),
+    "blockllm": lambda s, **kw: bl.blockllm(3e-3, sparsity=0.5, patience=2,
+                                            eligible=lambda path, leaf: True,
+                                            param_sharding=s, **kw),
+    "bread-sgd": lambda s, **kw: bl.bread(3e-3, correction="sgd",
+                                          switch_every=2, scope="partial",
+                                          weight_decay=0.1, param_sharding=s,
+                                          **kw),
+    "badam": lambda s, **kw: bl.badam(3e-3, switch_every=2, weight_decay=0.1,
+                                      param_sharding=s, **kw),
 }
 
 
@@ -312,11 +316,12 @@ class LlamaRun(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def llama_run(kind, sharded, gradients="plain"):
+def llama_run(kind, sharded, gradients="plain", scanned=False):
   """5 steps of a tiny LLaMA: one device, or params FSDP over 4 devices and
   the batch over data 2 x fsdp 4. ``gradients``: "plain"
-  (`jax.value_and_grad`), "lean" (compute-lean) or "gradient-lean"."""
-  model = LlamaForCausalLM(LLAMA)
+  (`jax.value_and_grad`), "lean" (compute-lean) or "gradient-lean";
+  ``scanned``: layers under nn.scan, one unit per layer (``layer_axis=0``)."""
+  model = LlamaForCausalLM(dataclasses.replace(LLAMA, scan_layers=scanned))
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))[
       "params"]
   loss_fn = lambda p, tokens: causal_lm_loss(
@@ -330,7 +335,8 @@ def llama_run(kind, sharded, gradients="plain"):
     params = jax.device_put(params, sharding)
     put_batch = lambda b: jax.device_put(
         b, NamedSharding(mesh, P(("data", "fsdp"))))
-  tx = LLAMA_OPTIMIZERS[kind](sharding)
+  tx = LLAMA_OPTIMIZERS[kind](sharding, **(dict(layer_axis=0) if scanned
+                                           else {}))
   if gradients == "plain":
     grad_fn = lambda p, state, tokens: jax.value_and_grad(loss_fn)(p, tokens)
   else:
@@ -363,6 +369,21 @@ def test_sharded_llama_training_matches_one_device_and_splits_memory():
   assert int(sharded.state[0].selection_count) >= 2
   # Per device: a quarter of the params, grads and moments (+ replicated
   # norms and the small vectors).
+  assert sharded.memory.argument < 0.4 * single.memory.argument
+
+
+@pytest.mark.parametrize("kind", ["blockllm", "badam"])
+def test_sharded_scanned_llama_matches_one_device(kind):
+  """Stacked units on a mesh: FSDP splits the weight axes, each device holds
+  its shard of every layer's unit (the layer axis stays whole)."""
+  single = llama_run(kind, sharded=False, scanned=True)
+  sharded = llama_run(kind, sharded=True, scanned=True)
+  np.testing.assert_allclose(sharded.losses, single.losses, rtol=2e-5)
+  for field in ("selected", "selection_count"):
+    np.testing.assert_array_equal(getattr(sharded.state[0], field),
+                                  getattr(single.state[0], field))
+  assert int(sharded.state[0].selection_count) >= 2
+  assert sharded.state[0].selected.shape[0] > 7  # units per layer
   assert sharded.memory.argument < 0.4 * single.memory.argument
 
 

@@ -242,13 +242,14 @@ def test_int_layer_axis_without_a_layer_stack_is_an_error():
 def test_unsupported_combinations_say_so():
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
   params = stack(unstacked_params(jax.random.PRNGKey(0)), 0)
+  # The layer axis split over the mesh: a device would hold some layers.
   sharding = jax.tree.map(
-      lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+      lambda _: jax.sharding.NamedSharding(mesh,
+                                           jax.sharding.PartitionSpec("x")),
       params)
-  with pytest.raises(ValueError, match="layer_axis.*param_sharding"):
-    bl.blockllm(1e-3, layer_axis=0, param_sharding=sharding)
-  with pytest.raises(ValueError, match="layer_axis.*param_sharding"):
-    bl.badam(1e-3, layer_axis=0, param_sharding=sharding)
+  for make in (bl.blockllm, bl.badam):
+    with pytest.raises(ValueError, match="layer_axis.*splits over"):
+      make(1e-3, layer_axis=0, param_sharding=sharding).init(params)
   tokens = jnp.zeros((1, 5), jnp.int32)
   middle = stack(unstacked_params(jax.random.PRNGKey(0)), 1)
   # Lean steps take a stack's layers one by one inside the scan that slices
