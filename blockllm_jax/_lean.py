@@ -23,6 +23,10 @@ optimizer's ``update`` runs itself, asking for exactly what it needs:
   leaf's gradient is folded into its windows of ``mu`` / ``nu`` as it
   arrives (:meth:`LeanGradients.backward` with ``moments=``), so not even a
   packed gradient exists; otherwise the chain carries the packed gradient.
+  Layers inside ``jax.checkpoint`` / ``lax.scan`` (``nn.remat`` /
+  ``nn.scan``) are taken over by rebuilding those equations of the loss's
+  jaxpr (:mod:`blockllm_jax._lean_transforms`); a scanned leaf's control
+  token and norm have one row per layer.
 
 What to compute is decided by the optimizer after the forward pass, from its
 state and the loss: static choices (which leaves can ever be needed) are
@@ -375,7 +379,8 @@ class _DenseInterceptor:
 
   A call is taken only at the trace level of the loss function: inside
   ``nn.remat``, ``nn.scan``, ``vmap`` etc. the kernel is another object or
-  the trace differs, and the call runs unchanged.
+  the trace differs, and the call runs unchanged (``_lean_transforms``
+  then takes the layers of checkpoints and scans over).
   """
 
   def __init__(self, slot_of_object: dict, dense: Callable):
@@ -778,11 +783,16 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
     held to take it back); the non-finite leaf's moments are untouched.
   - ``compute_lean=True`` also intercepts ``flax.linen.Dense`` calls made
     by ``loss_fn`` (no need to edit the model) so that the weight-gradient
-    matmul of a layer nobody needs this step is skipped at run time. Layers
-    it cannot take over (a kernel also used outside its ``Dense`` call,
-    shared between calls, or applied inside ``nn.remat`` / ``nn.scan``, or
-    a ``Dense`` with a custom ``dot_general``) keep the gradient-lean path;
-    a warning names them.
+    matmul of a layer nobody needs this step is skipped at run time.
+    Layers inside ``nn.remat`` / ``jax.checkpoint`` and ``nn.scan`` /
+    ``lax.scan`` are taken over too (the checkpoint keeps its policy; a
+    scan over stacked leaves reduces each layer's gradient per unit while
+    its backward pass produces it, so with ``layer_axis`` each (leaf,
+    layer) unit is packed on its own). Layers it cannot take over (a kernel
+    also used outside its ``Dense`` call, shared between calls, broadcast
+    by a scan instead of sliced, under ``vmap``, or a ``Dense`` with a
+    custom ``dot_general``) keep the gradient-lean path; a warning names
+    them.
   - With an optimizer built with ``param_sharding=`` (parameters on a
     mesh), the backward pass runs on the global view as XLA partitions it,
     and each device writes its own shards of the selected gradients into
