@@ -507,8 +507,11 @@ class LeanGradients:
     self.compute_lean = compute_lean
     self.capacity = sinks.capacity
     self.packed_dtype = sinks.packed_dtype
-    # Moments can be updated in the backward pass (:meth:`backward`).
-    self.fused_capable = sinks.chained
+    # Moments can be updated in the backward pass (:meth:`backward`):
+    # compute-lean layers thread the chain (tier B alone may thread it
+    # through scans, but then packs: in a loop XLA would keep its taps'
+    # gradients alive).
+    self.fused_capable = sinks.chained and bool(compute_lean)
     flat = jax.tree_util.tree_flatten_with_path(params_like)[0]
     self._slot_shapes = [None] * sinks.num_slots
     self._slot_paths = [None] * sinks.num_slots
@@ -706,8 +709,7 @@ class LeanGradients:
         shift[rows] = np.arange(count) * size
       else:
         sliced = (f"that nn.scan slices into {count} layers" if count > 1
-                  else "that no nn.scan slices along its axis 0 (or "
-                  "compute_lean=False)")
+                  else "that no nn.scan slices along its axis 0")
         raise ValueError(
             f"`layer_axis`: the optimizer has {len(units)} units on "
             f"{self._slot_paths[slot]}, {sliced}; a lean step needs one "
@@ -908,6 +910,16 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
           call_loss, flat, treedef, slot_leaves, paths)
       if warn:
         _warn_fallback(reasons)
+    elif num_slots:
+      # Gradient-lean: scanned leaves are still tapped layer by layer
+      # inside their scan (a tap outside would get the stacked gradient).
+      closed = jax.make_jaxpr(lambda leaves: call_loss(treedef.unflatten(
+          [leaves[slot_of_leaf[p]] if slot_of_leaf[p] is not None else leaf
+           for p, leaf in enumerate(flat)]))[0])(
+               tuple(flat[p] for p in slot_leaves))
+      taken = _lean_transforms.plan(
+          closed.jaxpr, {v: s for s, v in enumerate(closed.jaxpr.invars)},
+          take_dense=False)
     # With no Dense taken over, chained taps would only hold every tapped
     # gradient until the end of the backward pass: add into a packed sink.
     sinks.chained = bool(lean_slots) or bool(taken)
@@ -923,7 +935,8 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
     def chained_tap(slot, value, chain, norm_sink):
       return _chained_tap(sinks, slot, value, chain, norm_sink)
 
-    hooks = _lean_transforms.Hooks(dense=lean_dense, tap=chained_tap)
+    hooks = _lean_transforms.Hooks(
+        dense=lean_dense if compute_lean else None, tap=chained_tap)
 
     def forward(packed_sink, norm_sink, slot_params):
       if not taken:
@@ -1013,7 +1026,8 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
                                        slot_params, has_aux=True)
       grads = LeanGradients(
           vjp_fn, loss, tuple(slot_of_leaf), sinks, params_like,
-          tuple(sorted(slot_leaves[s] for s in lean_slots)), linearize)
+          tuple(sorted(slot_leaves[s] for s in lean_slots | set(taken)))
+          if compute_lean else (), linearize)
       return loss, aux, grads
 
     loss, aux, grads = linearize()

@@ -49,8 +49,8 @@ class Hooks(NamedTuple):
   """What takes a parameter over (see ``_lean._functional``)."""
 
   # (slot, inputs, kernel, precision, chain, norm sink) -> (outputs, token,
-  # chain): a lean Dense.
-  dense: Callable
+  # chain): a lean Dense; None: Dense layers are not taken over (tier B).
+  dense: Optional[Callable]
   # (slot, value, chain, norm sink) -> (value, token, chain): a chained tap.
   tap: Callable
 
@@ -132,21 +132,24 @@ def _dense_kernel_var(jaxpr, var, uses) -> Optional[Any]:
   return None
 
 
-def _plans(jaxpr, slot_of_var: dict, in_scan: bool) -> dict:
+def _plans(jaxpr, slot_of_var: dict, in_scan: bool, take_dense: bool) -> dict:
   """slot -> :class:`Plan` for the slots of ``slot_of_var`` (variable of
   ``jaxpr`` -> slot) this jaxpr can take over; inside a scan's body every
-  slot is (a layer's slice: tapped if nothing better)."""
+  slot is (a layer's slice: tapped if nothing better). Without
+  ``take_dense`` (gradient-lean tier) only scans are rebuilt, and their
+  layers tapped."""
   uses = _uses(jaxpr)
   plans = {}
   for var, slot in slot_of_var.items():
     plan = None
-    if _dense_kernel_var(jaxpr, var, uses) is not None:
+    if take_dense and _dense_kernel_var(jaxpr, var, uses) is not None:
       plan = Plan("dense")
     else:
       live = _live_uses(jaxpr, var, uses)
       if len(live) == 1 and live[0][0] < len(jaxpr.eqns):
         index, position = live[0]
-        plan = _plan_in(jaxpr.eqns[index], index, position, slot, in_scan)
+        plan = _plan_in(jaxpr.eqns[index], index, position, slot, in_scan,
+                        take_dense)
     if plan is None and in_scan:
       plan = Plan("tap")
     if plan is not None:
@@ -154,30 +157,31 @@ def _plans(jaxpr, slot_of_var: dict, in_scan: bool) -> dict:
   return plans
 
 
-def _plan_in(eqn, index: int, position: int, slot: int,
-             in_scan: bool) -> Optional[Plan]:
+def _plan_in(eqn, index: int, position: int, slot: int, in_scan: bool,
+             take_dense: bool) -> Optional[Plan]:
   """The plan for a slot whose one use is operand ``position`` of ``eqn``."""
   body, _ = _body(eqn) if eqn.primitive.name in (_REMAT, _SCAN) else (None,
                                                                       None)
-  if eqn.primitive.name == _REMAT:
-    inner = _plans(body, {body.invars[position]: slot}, False)
+  if eqn.primitive.name == _REMAT and take_dense:
+    inner = _plans(body, {body.invars[position]: slot}, False, True)
     if inner.get(slot, Plan("none")).kind == "dense":
       return Plan("remat", index)
   elif eqn.primitive.name == _SCAN and not in_scan:
     first_xs = eqn.params["num_consts"] + eqn.params["num_carry"]
     if position >= first_xs:
-      inner = _plans(body, {body.invars[position]: slot}, True)
+      inner = _plans(body, {body.invars[position]: slot}, True, take_dense)
       if slot in inner:
         return Plan("scan", index, int(eqn.params["length"]))
   return None
 
 
-def plan(jaxpr, slot_of_var: dict) -> dict:
+def plan(jaxpr, slot_of_var: dict, take_dense: bool = True) -> dict:
   """slot -> :class:`Plan` (``"remat"`` or ``"scan"``) of the slots of
   ``slot_of_var`` (input variable of the loss's jaxpr -> slot) taken over
-  inside a checkpoint or a scan."""
-  return {slot: p for slot, p in _plans(jaxpr, slot_of_var, False).items()
-          if p.kind in ("remat", "scan")}
+  inside a checkpoint or a scan (without ``take_dense``: scans only, each
+  layer tapped)."""
+  plans = _plans(jaxpr, slot_of_var, False, take_dense)
+  return {slot: p for slot, p in plans.items() if p.kind in ("remat", "scan")}
 
 
 def _bind(eqn, values):
@@ -240,7 +244,7 @@ def evaluate(jaxpr, consts, args, slot_of_var: dict, norms: dict, hooks: Hooks,
   env = dict(zip(jaxpr.constvars, consts))
   env.update(zip(jaxpr.invars, args))
   chain = _Chain(env, chain, chain_vars)
-  plans = _plans(jaxpr, slot_of_var, in_scan)
+  plans = _plans(jaxpr, slot_of_var, in_scan, hooks.dense is not None)
   var_of_slot = {slot: var for var, slot in slot_of_var.items()}
   uses = _uses(jaxpr)
   kernel_slot, rebuilt = {}, {}

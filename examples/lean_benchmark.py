@@ -190,20 +190,15 @@ def main():
                       help="GPU: peak_bytes_in_use in a fresh process each")
   parser.add_argument("--scan-layers", action="store_true",
                       help="decoder layers under nn.scan (block optimizers "
-                           "with layer_axis=0; no static freeze, no tier B "
-                           "alone)")
+                           "with layer_axis=0; no static freeze)")
   parser.add_argument("--remat", action="store_true",
                       help="rematerialise each decoder layer")
   parser.add_argument("--single", choices=METHODS, help=argparse.SUPPRESS)
   parser.add_argument("--out", type=Path, default=Path("runs/lean_benchmark"))
   args = parser.parse_args()
-  scanned_ok = {"adamw", "blockllm", "badam", "blockllm-compute-lean",
-                "badam-compute-lean"}
-  if args.scan_layers and set(args.methods) - scanned_ok:
-    parser.error("--scan-layers: only " + ", ".join(sorted(scanned_ok)) +
-                 " (a static freeze cannot mask single layers of a stacked "
-                 "leaf; the lean steps take stacked layers per unit at the "
-                 "compute-lean tier only).")
+  if args.scan_layers and {"static", "static-block"} & set(args.methods):
+    parser.error("--scan-layers: no static freeze (it cannot mask single "
+                 "layers of a stacked leaf).")
 
   if args.single:
     print(json.dumps(measure(args.single, args.sizes[0], args)))

@@ -39,16 +39,23 @@ def _fallbacks(step, *args) -> list:
   return [str(r.message) for r in record if "fall back" in str(r.message)]
 
 
-def _lean_matches_plain(model, tx, steps):
+def _lean_matches_plain(model, tx, steps, compute_lean=True):
   """Trains ``model`` with ``tx`` on the lean and on the plain path: no
-  fallback warning, the same reselections, losses and parameters."""
+  fallback warning, one compilation, the same reselections, losses and
+  parameters."""
   loss_fn = loss_of(model)
   params = model.init(jax.random.PRNGKey(0), batch_at(0))["params"]
-  step = lean_step(tx, loss_fn)
-  assert _fallbacks(step, params, tx.init(params), batch_at(0)) == []
+  inner, traces = lean_step(tx, loss_fn, compute_lean), []
+
+  def step(*args):
+    traces.append(1)
+    return inner(*args)
+
+  assert _fallbacks(inner, params, tx.init(params), batch_at(0)) == []
   want, want_state, want_losses = run(plain_step(tx, loss_fn), tx, params,
                                       steps)
   got, got_state, got_losses = run(step, tx, params, steps)
+  assert len(traces) == 1
   assert int(bl.reselection_count(got_state)) >= 3
   assert int(bl.reselection_count(got_state)) == int(
       bl.reselection_count(want_state))
@@ -181,17 +188,20 @@ SCANNED = {
 
 
 @pytest.mark.parametrize("layout", sorted(SCANNED))
-@pytest.mark.parametrize("name,layer_axis", [("blockllm", 0),
-                                             ("blockllm", None),
-                                             ("badam", 0)])
-def test_scanned_llama_lean_matches_plain(layout, name, layer_axis):
+@pytest.mark.parametrize("name,layer_axis,compute_lean", [
+    ("blockllm", 0, True), ("blockllm", None, True), ("badam", 0, True),
+    ("blockllm", 0, False)])
+def test_scanned_llama_lean_matches_plain(layout, name, layer_axis,
+                                          compute_lean):
   """Each (leaf, layer) unit's gradient is taken inside the scan; with
-  ``layer_axis=None`` a whole stack is one unit spread over its layers."""
+  ``layer_axis=None`` a whole stack is one unit spread over its layers;
+  tier B alone taps each layer's slice there."""
   base = {"blockllm": dict(learning_rate=3e-3, sparsity=0.8, patience=2,
                            stall_tolerance=0.0, eps=1e-6),
           "badam": dict(learning_rate=3e-3, switch_every=3, eps=1e-6)}[name]
   _lean_matches_plain(SCANNED[layout],
-                      getattr(bl, name)(**base, layer_axis=layer_axis), 9)
+                      getattr(bl, name)(**base, layer_axis=layer_axis), 9,
+                      compute_lean)
 
 
 class Shared(nn.Module):

@@ -117,13 +117,14 @@ OPTIMIZERS = {
 }
 
 
-def _train(tx, loss_fn, params, steps=9, lean=False):
+def _train(tx, loss_fn, params, steps=9, lean=0):
   state = tx.init(params)
 
   @jax.jit
   def step(params, state, tokens):
-    if lean:
-      loss, grads = bl.lean_value_and_grad(loss_fn)(params, state, tokens)
+    if lean:  # 1: gradient-lean taps only, 2: compute-lean
+      loss, grads = bl.lean_value_and_grad(loss_fn, compute_lean=lean == 2)(
+          params, state, tokens)
     else:
       loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
     updates, state = tx.update(grads, state, params, value=loss)
@@ -253,10 +254,10 @@ def test_unsupported_combinations_say_so():
   tokens = jnp.zeros((1, 5), jnp.int32)
   middle = stack(unstacked_params(jax.random.PRNGKey(0)), 1)
   # Lean steps take a stack's layers one by one inside the scan that slices
-  # them: not kernels moved to axis 0 first (the middle axis), not with
-  # tier B alone, not for a correction that needs the whole gradient.
+  # them: not kernels moved to axis 0 first (the middle axis), not for a
+  # correction that needs the whole gradient.
   cases = [(bl.blockllm(1e-3, layer_axis=layer_axis_of(1)), middle, 1, True),
-           (bl.badam(1e-3, layer_axis=0), params, 0, False),
+           (bl.badam(1e-3, layer_axis=layer_axis_of(1)), middle, 1, False),
            (bl.bread(1e-3, correction="sgd", layer_axis=0), params, 0, True)]
   for tx, tree, axis, compute_lean in cases:
     state = tx.init(tree)
@@ -271,18 +272,21 @@ def test_unsupported_combinations_say_so():
       jax.eval_shape(step, tree, state)
 
 
-@pytest.mark.parametrize("name", ["blockllm", "blockllm-decay-topk", "badam"])
-def test_lean_stacked_trains_like_the_same_layers_unstacked(name):
+@pytest.mark.parametrize("name,compute_lean", [
+    ("blockllm", True), ("blockllm-decay-topk", True), ("badam", True),
+    ("blockllm", False), ("badam", False)])
+def test_lean_stacked_trains_like_the_same_layers_unstacked(name,
+                                                            compute_lean):
   """Lean steps on a raw ``lax.scan`` over stacked layers (no Flax): each
   layer's gradient is taken inside the scan (kernels by the lean Dense,
-  the norms' scales by a tap per layer)."""
+  the norms' scales by a tap per layer; tier B alone: all by taps)."""
   flat = unstacked_params(jax.random.PRNGKey(0))
   want, want_state = _train(OPTIMIZERS[name](), unstacked_loss, flat)
   with warnings.catch_warnings():
     # Every layer taken over: no fallback warning.
     warnings.filterwarnings("error", message="compute_lean")
     got, got_state = _train(OPTIMIZERS[name](layer_axis=0), stacked_loss(0),
-                            stack(flat, 0), lean=True)
+                            stack(flat, 0), lean=compute_lean + 1)
   assert int(bl.reselection_count(got_state)) >= 3
   assert int(bl.reselection_count(got_state)) == int(
       bl.reselection_count(want_state))
