@@ -57,6 +57,7 @@ import optax
 from blockllm_jax import _badam
 from blockllm_jax import _blockllm
 from blockllm_jax import _bread
+from blockllm_jax import _layout
 from blockllm_jax import _lean
 from blockllm_jax import _memory
 from blockllm_jax import models
@@ -238,7 +239,8 @@ def activation_bytes(settings: models.LlamaSettings, batch: int, seq: int,
 
 
 def held_gradient_bytes(method: str, params, state, *,
-                        train_embeddings: bool = False) -> int:
+                        train_embeddings: bool = False,
+                        layer_axis=None) -> int:
   """The gradient a method's step holds at its peak (the memory model).
 
   Args:
@@ -246,29 +248,29 @@ def held_gradient_bytes(method: str, params, state, *,
     params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
     state: the optimizer state (for a lean step, holding the moments).
     train_embeddings: the block optimizers may train embeddings / head.
+    layer_axis: of a scanned model's stacked leaves (as the optimizers
+      take it): a lean step holds one layer's slice of them at a time.
 
   Returns:
     Bytes: the whole gradient for a plain step, the adapters' for LoRA, the
-    largest eligible leaf's for a lean step (with or without ``nn.remat``:
-    compute-lean takes Dense layers over inside their checkpoints).
+    largest eligible unit's for a lean step (a leaf, or one layer of a
+    stacked leaf; with or without ``nn.remat``: compute-lean takes Dense
+    layers over inside their checkpoints and scans).
   """
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   nbytes = lambda x: int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
   if method == "lora":
     return sum(nbytes(x) for path, x in flat if models.is_lora_path(path))
   if method.endswith("-lean"):
-    eligible = [nbytes(x) for path, x in flat
-                if train_embeddings or _eligible(path)]
-    largest = max(eligible, default=0)
+    layout = _layout.build_layout(
+        params, (lambda path, leaf: True) if train_embeddings else None,
+        layer_axis)
+    largest = max((size * jnp.dtype(dtype).itemsize for size, dtype in
+                   zip(layout.sizes, layout.dtypes)), default=0)
     # Compute-lean: each selected gradient is folded into the moments as
     # it arrives; one is being written at a time.
     return largest
   return sum(nbytes(x) for _, x in flat)
-
-
-def _eligible(path) -> bool:
-  from blockllm_jax import _layout
-  return _layout.default_eligible(path, None)
 
 
 def build_step(settings: models.LlamaSettings, config: StepConfig,
@@ -351,7 +353,9 @@ def estimate(settings: models.LlamaSettings, config: StepConfig, *,
       method=config.method, num_params=int(sum(np.prod(x.shape) for x in leaves)),
       weights=_memory.state_bytes(params), state=_memory.state_bytes(state),
       gradient=held_gradient_bytes(config.method, params, state,
-                                   train_embeddings=config.train_embeddings),
+                                   train_embeddings=config.train_embeddings,
+                                   layer_axis=0 if settings.scan_layers
+                                   else None),
       activations=activation_bytes(settings, config.batch, config.seq,
                                    config.compute_dtype),
       xla=None, instrument="not compiled", xla_is_exact=False)
@@ -422,11 +426,6 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
                  help="the memory model only (seconds instead of minutes)")
   args = p.parse_args(argv)
   methods = list(METHODS) if "all" in args.method else args.method
-  if args.scan_layers and any(m.endswith("-lean") for m in methods):
-    if "all" not in args.method:
-      p.error("lean steps need unrolled layers: drop --scan-layers.")
-    methods = [m for m in methods if not m.endswith("-lean")]
-    print("note: lean steps need unrolled layers; skipped with --scan-layers.")
   try:
     settings = settings_for(args.preset, gguf=args.gguf, model_dir=args.model_dir,
                             scan_layers=args.scan_layers, remat=args.remat,
