@@ -606,9 +606,8 @@ class LeanGradients:
     if mesh_plan is not None and any(self._sinks.layers[s] > 1 for s in slots):
       raise ValueError(
           "`layer_axis` / nn.scan: a lean step on a mesh (`param_sharding`) "
-          "does not take scanned layers yet; use "
-          "`lean_value_and_grad(..., compute_lean=False)` with "
-          "`layer_axis=None`, or `jax.value_and_grad`.")
+          "does not take scanned layers yet; use `jax.value_and_grad` "
+          "there.")
     dense = tuple(dense) or (False,) * len(slots)
     live = [False] * num_slots
     dense_slots = [False] * num_slots
