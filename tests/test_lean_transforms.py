@@ -174,9 +174,7 @@ def test_remat_lean_step_is_at_the_static_freeze_floor():
       loss_fn, params, lambda p: p.startswith("model/layers_0/"))
   floor = _memory(static, static_tx, params, tokens)
   lean = _memory(lean_step(blockllm, loss_fn), blockllm, params, tokens)
-  plain = _memory(plain_step(blockllm, loss_fn), blockllm, params, tokens)
   assert lean.total <= 1.03 * floor.total, (lean, floor)
-  assert lean.temp < plain.temp / 3, (lean, plain)
 
 
 SCANNED = {
@@ -187,10 +185,12 @@ SCANNED = {
 }
 
 
-@pytest.mark.parametrize("layout", sorted(SCANNED))
-@pytest.mark.parametrize("name,layer_axis,compute_lean", [
-    ("blockllm", 0, True), ("blockllm", None, True), ("badam", 0, True),
-    ("blockllm", 0, False)])
+@pytest.mark.parametrize("layout,name,layer_axis,compute_lean", [
+    ("scanned", "blockllm", 0, True),
+    ("scanned+remat", "blockllm", 0, True),
+    ("scanned+remat", "blockllm", None, True),
+    ("scanned+remat", "badam", 0, True),
+    ("scanned+remat", "blockllm", 0, False)])
 def test_scanned_llama_lean_matches_plain(layout, name, layer_axis,
                                           compute_lean):
   """Each (leaf, layer) unit's gradient is taken inside the scan; with
@@ -244,9 +244,9 @@ def test_scanned_remat_lean_step_is_at_the_unrolled_floor():
   floor = _memory(static, static_tx, params, tokens)
   tokens, stacked, loss_fn = _weights_dominated_llama(remat=True,
                                                       scan_layers=True)
-  for tx in (bl.blockllm(1e-3, sparsity=0.75, layer_axis=0),
-             bl.badam(1e-3, layer_axis=0)):
+  blockllm = bl.blockllm(1e-3, sparsity=0.75, layer_axis=0)
+  plain = _memory(plain_step(blockllm, loss_fn), blockllm, stacked, tokens)
+  for tx in (blockllm, bl.badam(1e-3, layer_axis=0)):
     lean = _memory(lean_step(tx, loss_fn), tx, stacked, tokens)
-    plain = _memory(plain_step(tx, loss_fn), tx, stacked, tokens)
     assert lean.total <= 1.03 * floor.total, (lean, floor)
     assert lean.temp < plain.temp / 3, (lean, plain)
