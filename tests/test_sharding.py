@@ -372,7 +372,7 @@ def test_sharded_llama_training_matches_one_device_and_splits_memory():
   assert sharded.memory.argument < 0.4 * single.memory.argument
 
 
-@pytest.mark.parametrize("kind", ["blockllm", "badam"])
+@pytest.mark.parametrize("kind", ["blockllm"])
 def test_sharded_scanned_llama_matches_one_device(kind):
   """Stacked units on a mesh: FSDP splits the weight axes, each device holds
   its shard of every layer's unit (the layer axis stays whole)."""

@@ -274,7 +274,7 @@ def test_unsupported_combinations_say_so():
 
 @pytest.mark.parametrize("name,compute_lean", [
     ("blockllm", True), ("blockllm-decay-topk", True), ("badam", True),
-    ("blockllm", False), ("badam", False)])
+    ("badam", False)])
 def test_lean_stacked_trains_like_the_same_layers_unstacked(name,
                                                             compute_lean):
   """Lean steps on a raw ``lax.scan`` over stacked layers (no Flax): each
