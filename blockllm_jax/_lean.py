@@ -904,21 +904,11 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
       return out if has_aux else (out, None)
 
     lean_slots, taken = frozenset(), {}
-    if compute_lean and num_slots:
-      lean_slots, taken, reasons = _plan_compute_lean(
-          call_loss, flat, treedef, slot_leaves, paths)
+    if num_slots:
+      lean_slots, taken, reasons = _plan_lean(
+          call_loss, flat, treedef, slot_leaves, paths, compute_lean)
       if warn:
         _warn_fallback(reasons)
-    elif num_slots:
-      # Gradient-lean: scanned leaves are still tapped layer by layer
-      # inside their scan (a tap outside would get the stacked gradient).
-      closed = jax.make_jaxpr(lambda leaves: call_loss(treedef.unflatten(
-          [leaves[slot_of_leaf[p]] if slot_of_leaf[p] is not None else leaf
-           for p, leaf in enumerate(flat)]))[0])(
-               tuple(flat[p] for p in slot_leaves))
-      taken = _lean_transforms.plan(
-          closed.jaxpr, {v: s for s, v in enumerate(closed.jaxpr.invars)},
-          take_dense=False)
     # With no Dense taken over, chained taps would only hold every tapped
     # gradient until the end of the backward pass: add into a packed sink.
     sinks.chained = bool(lean_slots) or bool(taken)
@@ -1035,15 +1025,19 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
   return value_and_lean_grad
 
 
-def _plan_compute_lean(call_loss, flat, treedef, slot_leaves, paths):
-  """Which leaves only ever feed one plain ``nn.Dense`` call (by tracing).
+def _plan_lean(call_loss, flat, treedef, slot_leaves, paths,
+               compute_lean: bool):
+  """Which leaves only ever feed one plain ``nn.Dense`` call (by tracing),
+  and which are taken over inside checkpoints and scans.
 
   Returns ``(lean_slots, taken, reasons)``: slots taken over in their Dense
   call; slot -> ``_lean_transforms.Plan`` of those taken over inside
   ``jax.checkpoint`` / ``lax.scan`` (``nn.remat`` / ``nn.scan``); and
   ``reasons``, which maps the path of every Dense kernel (or, for a call
   inside a transformed function, the Dense module) that cannot be taken
-  over to why.
+  over to why. Without ``compute_lean`` (tier B) no Dense is taken over:
+  only scans are, their layers tapped (a tap outside would get the
+  stacked gradient).
   """
   num_slots = len(slot_leaves)
   recorded, passed_over = {}, {}
@@ -1060,7 +1054,8 @@ def _plan_compute_lean(call_loss, flat, treedef, slot_leaves, paths):
       return _contract(inputs, copy, module.precision)
 
     interceptor = _DenseInterceptor(slot_of_object, dense)
-    with interceptor.installed():
+    with (interceptor.installed() if compute_lean
+          else contextlib.nullcontext()):
       loss, _ = call_loss(treedef.unflatten(tree_leaves))
     recorded.update(interceptor.calls)
     passed_over.update(interceptor.passed_over)
@@ -1083,7 +1078,8 @@ def _plan_compute_lean(call_loss, flat, treedef, slot_leaves, paths):
     else:
       lean.add(slot)
   taken = _lean_transforms.plan(
-      jaxpr, {jaxpr.invars[s]: s for s in range(num_slots) if s not in lean})
+      jaxpr, {jaxpr.invars[s]: s for s in range(num_slots) if s not in lean},
+      take_dense=compute_lean)
   # Dense modules inside nn.remat / nn.scan were passed over by the
   # interceptor; those whose kernel is taken over there are no fallback.
   taken_paths = {paths[slot_leaves[s]] for s in taken}
