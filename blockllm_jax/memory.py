@@ -238,7 +238,7 @@ def activation_bytes(settings: models.LlamaSettings, batch: int, seq: int,
   return int(layers + head)
 
 
-def held_gradient_bytes(method: str, params, state, *,
+def held_gradient_bytes(method: str, params, *,
                         train_embeddings: bool = False,
                         layer_axis=None) -> int:
   """The gradient a method's step holds at its peak (the memory model).
@@ -246,7 +246,6 @@ def held_gradient_bytes(method: str, params, state, *,
   Args:
     method: one of :data:`METHODS`.
     params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
-    state: the optimizer state (for a lean step, holding the moments).
     train_embeddings: the block optimizers may train embeddings / head.
     layer_axis: of a scanned model's stacked leaves (as the optimizers
       take it): a lean step holds one layer's slice of them at a time.
@@ -352,7 +351,7 @@ def estimate(settings: models.LlamaSettings, config: StepConfig, *,
   result = MemoryEstimate(
       method=config.method, num_params=int(sum(np.prod(x.shape) for x in leaves)),
       weights=_memory.state_bytes(params), state=_memory.state_bytes(state),
-      gradient=held_gradient_bytes(config.method, params, state,
+      gradient=held_gradient_bytes(config.method, params,
                                    train_embeddings=config.train_embeddings,
                                    layer_axis=0 if settings.scan_layers
                                    else None),

@@ -213,7 +213,7 @@ def memory_model(method, params, state) -> int:
   the gradient the step holds (activations not included)."""
   from blockllm_jax import memory
   return nbytes(params) + nbytes(state) + memory.held_gradient_bytes(
-      method, params, state, train_embeddings=True)
+      method, params, train_embeddings=True)
 
 
 # ---------------------------------------------------------------- stages --
