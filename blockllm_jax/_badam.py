@@ -268,7 +268,7 @@ def _scale_by_block_adam(
     leaves have taken this gradient into their moments.
 
     Returns ``(result, dense)``: the ``_lean.LeanResult`` (updated moments;
-    ``norm_sq`` holds each active leaf's ``max |g|``) and its dense
+    ``norm_sq`` holds each active leaf's squared norm) and its dense
     gradients."""
     restart = finite_loss & schedule.switch & (
         jnp.arange(plan.capacity) >= plan.always_total)
@@ -452,8 +452,9 @@ def scale_by_badam(
       Layer ``i`` of every stacked leaf is then a unit, which the default
       ``blocks`` rule puts in block ``i // layers_per_block`` (next to the
       unstacked leaves whose path names layer ``i``); a custom rule sees it
-      as the leaf's path followed by ``LayerKey(i)``. Not yet with
-      ``param_sharding`` or :func:`blockllm_jax.lean_value_and_grad`.
+      as the leaf's path followed by ``LayerKey(i)``. On a mesh and with
+      lean steps as in :func:`blockllm_jax.scale_by_blockllm` (a BREAD SGD
+      correction needs ``jax.value_and_grad`` on stacked layers).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` accepts (and

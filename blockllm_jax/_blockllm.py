@@ -153,7 +153,9 @@ def scale_by_blockllm(
 
   A step whose loss or eligible gradient is not finite leaves the moments,
   the selection and the loss statistics untouched, returns zero updates and
-  increments ``skipped_count``.
+  increments ``skipped_count``. (The gradient check is its units' squared
+  norms, which the scores use too: a unit whose squared norm overflows
+  float32, a norm above about 1.8e19, counts as not finite.)
 
   Updates of parameters narrower than float32 (bf16, fp16) come back in
   float32, as from :func:`blockllm_jax.scale_by_badam`;
@@ -195,8 +197,10 @@ def scale_by_blockllm(
       ``(path, leaf) -> int | None``. Each layer's slice of a stacked leaf
       is then a unit of its own: scored, counted against the budget and
       given moments like an unstacked leaf, so a stacked model trains as the
-      same layers unstacked. Not yet with ``param_sharding`` or
-      :func:`blockllm_jax.lean_value_and_grad` (both raise).
+      same layers unstacked. With ``param_sharding`` the layer axis must
+      stay whole on each device (a ``ValueError`` names the leaf
+      otherwise); :func:`blockllm_jax.lean_value_and_grad` takes scanned
+      layers on one device (on a mesh it raises).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs the
@@ -343,16 +347,16 @@ def scale_by_blockllm(
       packed = updates.packed
     else:
       # Tier A: the full gradient; any non-finite entry skips the step.
+      # One reduction per unit serves both the check and the scores (a
+      # squared norm is finite iff every entry is, short of overflow).
       grads = layout.group_leaves(updates)
+      local_norm_sq = _engine.unit_norms_squared(layout, updates)
       finite = _sharding.all_true(
-          jnp.isfinite(loss) & jnp.all(_engine.finite_units(layout, updates)),
-          reduce)
+          jnp.isfinite(loss) & jnp.all(jnp.isfinite(local_norm_sq)), reduce)
       do_select = finite & trigger_of(state, loss)
 
       def reselect_from_grads(selection):
-        # The scores' norms only on steps that reselect.
-        norm_sq = _sharding.leaf_sums(
-            _engine.unit_norms_squared(layout, updates), reduce)
+        norm_sq = _sharding.leaf_sums(local_norm_sq, reduce)
         return reselect(selection, choose(
             selection.visit_count, jnp.sqrt(norm_sq), sizes, select_sizes,
             select_capacity), sizes)

@@ -21,15 +21,19 @@ import jax.numpy as jnp
 from jax import lax
 
 
+# Offsets are never negative: no wrap-around of negative indices, whose
+# per-call computation XLA would otherwise give a kernel of its own per leaf.
 def read_leaf(buffer: jax.Array, offset: jax.Array, size: int) -> jax.Array:
   """The ``size`` entries of ``buffer`` starting at ``offset`` (clamped)."""
-  return lax.dynamic_slice(buffer, (offset,), (size,))
+  return lax.dynamic_slice(buffer, (offset,), (size,),
+                           allow_negative_indices=False)
 
 
 def write_leaf(buffer: jax.Array, values: jax.Array,
                offset: jax.Array) -> jax.Array:
+  """``buffer`` with ``values`` written at ``offset`` (clamped)."""
   return lax.dynamic_update_slice(buffer, values.astype(buffer.dtype),
-                                  (offset,))
+                                  (offset,), allow_negative_indices=False)
 
 
 def greedy_fill(scores: jax.Array, sizes: jax.Array,

@@ -121,8 +121,8 @@ class Unit(NamedTuple):
 
   offset: jax.Array  # int32[] start of the unit's window in the buffers.
   active: jax.Array  # bool[] trained with Adam in this step.
-  bias1: jax.Array  # float32[] 1 - b1**count.
-  bias2: jax.Array  # float32[] 1 - b2**count.
+  scale1: jax.Array  # float32[] 1 / (1 - b1**count), mu's bias correction.
+  scale2: jax.Array  # float32[] 1 / (1 - b2**count), nu's bias correction.
   flag: Optional[jax.Array] = None  # bool[] a policy's extra per-unit flag.
   restart: Optional[jax.Array] = None  # bool[] moments restart this step.
 
@@ -130,31 +130,52 @@ class Unit(NamedTuple):
 def split_rows(vectors: Sequence[jax.Array]) -> list:
   """``[[v[i] for v in vectors] for i in range(n)]`` as separate buffers.
 
-  The vectors (int32 or float32, bit-cast to int32) become the columns of
-  an ``[n, k]`` matrix, and one variadic reduction over ``n`` masked copies
-  of it yields row ``i`` as output ``i``: a single kernel whose outputs are
-  separate arrays (each the sum of one row and zeros, hence exact),
-  instead of ``n`` slices that XLA would fuse into, and so make distinct,
-  every consumer's kernel.
+  The vectors (int32 or float32) become the columns of an ``[n, k]``
+  matrix split by :func:`split_matrix`.
   """
-  n = int(vectors[0].shape[0])
-  if n == 0:
+  if int(vectors[0].shape[0]) == 0:
     return []
   as_int = [v if v.dtype == jnp.int32 else
             lax.bitcast_convert_type(v.astype(jnp.float32), jnp.int32)
             for v in vectors]
-  matrix = jnp.stack(as_int, axis=1)  # int32[n, k]
-  iota = jnp.arange(n)[:, None]
-  operands = tuple(jnp.where(iota == i, matrix, 0) for i in range(n))
+  rows = split_matrix(jnp.stack(as_int, axis=1))
+  return [[row[k] if v.dtype == jnp.int32 else
+           lax.bitcast_convert_type(row[k], jnp.float32)
+           for k, v in enumerate(vectors)] for row in rows]
+
+
+def split_matrix(matrix: jax.Array) -> list:
+  """The rows of an int32 or float32 ``[n, k]`` matrix as separate buffers.
+
+  One variadic reduction over ``n`` masked copies of the matrix yields row
+  ``i`` as output ``i``: a single kernel whose outputs are separate arrays
+  (each the sum of one row and zeros, hence exact, on the int32 bits),
+  instead of ``n`` slices that XLA would fuse into, and so make distinct,
+  every consumer's kernel.
+  """
+  n = int(matrix.shape[0])
+  if n == 0:
+    return []
+  dtype = matrix.dtype
+  if dtype != jnp.int32:
+    matrix = lax.bitcast_convert_type(matrix.astype(jnp.float32), jnp.int32)
+  # The barrier ties the masks to the data: inside a loop XLA would hoist
+  # each loop-invariant ``iota == i`` out of the reduction into a kernel of
+  # its own (n distinct kernels).
+  matrix, iota = lax.optimization_barrier(
+      (matrix, lax.broadcasted_iota(jnp.int32, (n, 1), 0)))
+  operands = tuple(lax.select(jnp.broadcast_to(iota == i, matrix.shape),
+                              matrix, jnp.zeros_like(matrix))
+                   for i in range(n))
   zeros = tuple(jnp.zeros([], jnp.int32) for _ in range(n))
 
   def add(xs, ys):
     return tuple(x + y for x, y in zip(xs, ys))
 
   rows = lax.reduce(operands, zeros, add, (0,))
-  return [[row[k] if v.dtype == jnp.int32 else
-           lax.bitcast_convert_type(row[k], jnp.float32)
-           for k, v in enumerate(vectors)] for row in rows]
+  if dtype == jnp.int32:
+    return list(rows)
+  return [lax.bitcast_convert_type(row, jnp.float32) for row in rows]
 
 
 class Units(NamedTuple):
@@ -173,8 +194,8 @@ class Units(NamedTuple):
     v = self.vectors
     pick = lambda x: None if x is None else x[unit]
     return Unit(offset=v.offset[unit], active=v.active[unit],
-                bias1=v.bias1[unit], bias2=v.bias2[unit], flag=pick(v.flag),
-                restart=pick(v.restart))
+                scale1=v.scale1[unit], scale2=v.scale2[unit],
+                flag=pick(v.flag), restart=pick(v.restart))
 
 
 def per_unit(offset: jax.Array, active: jax.Array, count: jax.Array,
@@ -202,10 +223,12 @@ def per_unit(offset: jax.Array, active: jax.Array, count: jax.Array,
       seed of the stochastic rounding of moments narrower than float32.
   """
   count = jnp.maximum(count, 1)  # inactive units: a harmless correction
-  bias1 = (1 - settings.b1**count).astype(jnp.float32)
-  bias2 = (1 - settings.b2**count).astype(jnp.float32)
-  vectors = Unit(offset=offset.astype(jnp.int32), active=active, bias1=bias1,
-                 bias2=bias2, flag=flag, restart=restart)
+  # Reciprocals here, for all units at once: XLA rewrites ``m / c`` as
+  # ``m * (1 / c)`` and would give each unit's ``1 / c`` a kernel of its own.
+  scale1 = 1 / (1 - settings.b1**count).astype(jnp.float32)
+  scale2 = 1 / (1 - settings.b2**count).astype(jnp.float32)
+  vectors = Unit(offset=offset.astype(jnp.int32), active=active,
+                 scale1=scale1, scale2=scale2, flag=flag, restart=restart)
   singles = [g.start for g in layout.groups() if g.axis is None]
   if not singles:
     return Units(vectors, {}, salt)
@@ -214,11 +237,11 @@ def per_unit(offset: jax.Array, active: jax.Array, count: jax.Array,
   optional = [v for v in (flag, restart) if v is not None]
   ints += [v.astype(jnp.int32)[index] for v in optional]
   scalars = {}
-  for unit, row in zip(singles, split_rows([bias1[index], bias2[index]]
+  for unit, row in zip(singles, split_rows([scale1[index], scale2[index]]
                                            + ints)):
     extra = iter(row[4:])
     scalars[unit] = Unit(
-        offset=row[2], active=row[3] > 0, bias1=row[0], bias2=row[1],
+        offset=row[2], active=row[3] > 0, scale1=row[0], scale2=row[1],
         flag=next(extra) > 0 if flag is not None else None,
         restart=next(extra) > 0 if restart is not None else None)
   return Units(vectors, scalars, salt)
@@ -250,16 +273,23 @@ def _wide(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _store(new, old, apply, position, salt):
+def _store(new, old, apply, position, salt, stream: int):
   """``where(apply, new, old)`` in ``old``'s dtype. A moment narrower than
   float32 is rounded stochastically (unbiased): rounded to nearest, a
   bfloat16 ``nu`` stops moving once ``(1 - b2) g**2`` falls below half its
   ulp (b2 = 0.999: at about half its steady value) and never decays."""
   dtype = old.dtype
   if jnp.dtype(dtype).itemsize < 4 and salt is not None:
+    # The fused lean pass carries the salt in float32: exact below 2**24.
     new = _rounding.round_with_bits(new, dtype, _rounding.hashed_bits(
-        position, salt[0], stream=salt[1]))
-  return jnp.where(apply, new.astype(dtype), old)
+        position(), salt % (1 << 24), stream=stream))
+  return _where(apply, new.astype(dtype), old)
+
+
+def _where(flag, on_true, on_false):
+  """``jnp.where`` for a scalar or full-shape ``flag`` without the
+  broadcasts and nested ``jit`` that it traces (per unit, they add up)."""
+  return lax.select_n(flag, on_false, on_true)
 
 
 def _unit_moments(mu, nu, grad, unit: Unit, settings: AdamSettings, salt):
@@ -271,19 +301,12 @@ def _unit_moments(mu, nu, grad, unit: Unit, settings: AdamSettings, salt):
   old_nu = _compact.read_leaf(nu, unit.offset, size)
   new_mu, new_nu = _moments(flat, old_mu.astype(flat.dtype),
                             old_nu.astype(flat.dtype), settings, unit.restart)
-  position = unit.offset + lax.iota(jnp.int32, size)
-  mu = lax.dynamic_update_slice(
-      mu, _store(new_mu, old_mu, unit.active, position, _salted(salt, 0)),
-      (unit.offset,))
-  nu = lax.dynamic_update_slice(
-      nu, _store(new_nu, old_nu, unit.active, position, _salted(salt, 1)),
-      (unit.offset,))
+  position = lambda: unit.offset + lax.iota(jnp.int32, size)
+  mu = _compact.write_leaf(
+      mu, _store(new_mu, old_mu, unit.active, position, salt, 0), unit.offset)
+  nu = _compact.write_leaf(
+      nu, _store(new_nu, old_nu, unit.active, position, salt, 1), unit.offset)
   return mu, nu
-
-
-def _salted(salt, stream: int):
-  # The fused lean pass carries the salt in float32: exact below 2**24.
-  return None if salt is None else (salt % (1 << 24), stream)
 
 
 def update_window_moments(mu: jax.Array, nu: jax.Array, grad: jax.Array,
@@ -293,7 +316,7 @@ def update_window_moments(mu: jax.Array, nu: jax.Array, grad: jax.Array,
   """One gradient's windows of ``mu`` / ``nu`` (at ``offset``) updated in
   place where ``apply``: the same arithmetic as :func:`update_unit_moments`,
   called by the lean backward pass as each gradient arrives."""
-  unit = Unit(offset=offset, active=apply, bias1=None, bias2=None)
+  unit = Unit(offset=offset, active=apply, scale1=None, scale2=None)
   return _unit_moments(mu, nu, grad, unit, settings, salt)
 
 
@@ -362,10 +385,31 @@ def finite_units(layout: _layout.LeafLayout, tree) -> jax.Array:
 
 
 def unit_norms_squared(layout: _layout.LeafLayout, tree) -> jax.Array:
-  """float32[U]: each unit's squared norm (one reduction per stacked leaf)."""
+  """float32[U]: each unit's squared norm (one reduction per stacked leaf),
+  of a gradient that also feeds the moments (see :func:`squared_norm`)."""
   return layout.unit_reduce(
-      tree, lambda x, axes: jnp.sum(jnp.square(x.astype(jnp.float32)),
-                                    axis=axes))
+      tree, lambda x, axes: squared_norm(x, axes, beside_moments=True))
+
+
+def squared_norm(x: jax.Array, axes=None, *,
+                 beside_moments: bool = False) -> jax.Array:
+  """float32 ``sum(x**2)`` over ``axes`` (None: all); not finite if any
+  entry is not (or the sum overflows).
+
+  Args:
+    x: the array.
+    axes: the axes reduced (None: all).
+    beside_moments: ``x`` is a gradient whose second moment the same
+      program computes: the sum is then taken as ``4 * sum((x / 2)**2)``
+      (exact in binary floating point), since XLA would share a plain
+      ``x * x`` with the moment's ``g * g`` and materialise it as an
+      array, and a kernel, of its own per leaf.
+  """
+  x = x.astype(jnp.float32)
+  if beside_moments:
+    half = x * 0.5
+    return 4 * jnp.sum(half * half, axis=axes)
+  return jnp.sum(x * x, axis=axes)
 
 
 def update_moments(mu: jax.Array, nu: jax.Array, packed: jax.Array,
@@ -391,9 +435,9 @@ def update_moments(mu: jax.Array, nu: jax.Array, packed: jax.Array,
   wide = _wide(mu.dtype)
   new_mu, new_nu = _moments(packed.astype(wide), mu.astype(wide),
                             nu.astype(wide), settings, restart)
-  position = lax.iota(jnp.int32, mu.shape[0])
-  return (_store(new_mu, mu, apply, position, _salted(salt, 0)),
-          _store(new_nu, nu, apply, position, _salted(salt, 1)))
+  position = lambda: lax.iota(jnp.int32, mu.shape[0])
+  return (_store(new_mu, mu, apply, position, salt, 0),
+          _store(new_nu, nu, apply, position, salt, 1))
 
 
 def adam_direction(mu: jax.Array, nu: jax.Array, unit: Unit,
@@ -401,9 +445,12 @@ def adam_direction(mu: jax.Array, nu: jax.Array, unit: Unit,
   """The bias-corrected Adam direction of a unit from its updated moments,
   written as ``optax.scale_by_adam`` computes it."""
   wide = _wide(mu.dtype)
-  mu_hat = mu.astype(wide) / unit.bias1.astype(wide)
-  nu_hat = nu.astype(wide) / unit.bias2.astype(wide)
-  return mu_hat / (jnp.sqrt(nu_hat + settings.eps_root) + settings.eps)
+  mu_hat = mu.astype(wide) * unit.scale1.astype(wide)
+  nu_hat = nu.astype(wide) * unit.scale2.astype(wide)
+  if not (isinstance(settings.eps_root, (int, float))
+          and settings.eps_root == 0):
+    nu_hat = nu_hat + settings.eps_root
+  return mu_hat / (jnp.sqrt(nu_hat) + settings.eps)
 
 
 # finish(i, unit, update) -> update: a policy's last touch of an active
@@ -421,7 +468,7 @@ def _unit_update(mu, nu, unit: Unit, i, shape, size, out_dtype,
     update = update + settings.weight_decay * param.astype(out_dtype)
   if finish is not None:
     update = finish(i, unit, update)
-  return jnp.where(unit.active, update, jnp.zeros(shape, out_dtype))
+  return _where(unit.active, update, jnp.zeros(shape, out_dtype))
 
 
 def _stacked_update(mu, nu, group: _layout.UnitGroup, units: Units, shape,
@@ -435,7 +482,7 @@ def _stacked_update(mu, nu, group: _layout.UnitGroup, units: Units, shape,
   position = (v.offset[sl][:, None]
               + jnp.arange(size, dtype=jnp.int32)[None, :])
   unit = Unit(offset=None, active=v.active[sl][:, None],
-              bias1=v.bias1[sl][:, None], bias2=v.bias2[sl][:, None])
+              scale1=v.scale1[sl][:, None], scale2=v.scale2[sl][:, None])
   direction = adam_direction(
       mu.at[position].get(mode="clip"), nu.at[position].get(mode="clip"),
       unit, settings)

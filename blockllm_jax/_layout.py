@@ -170,10 +170,12 @@ class LeafLayout(NamedTuple):
   def updates_tree(self, tree, group_updates):
     """``tree``'s structure with one update per :meth:`groups` entry (a
     stacked group's update is the whole stacked leaf) and zeros elsewhere."""
-    flat = [jnp.zeros_like(leaf) for leaf in self.treedef.flatten_up_to(tree)]
-    for group, update in zip(self.groups(), group_updates, strict=True):
-      flat[group.position] = update
-    return self.treedef.unflatten(flat)
+    flat = list(self.treedef.flatten_up_to(tree))
+    given = {group.position: update for group, update
+             in zip(self.groups(), group_updates, strict=True)}
+    return self.treedef.unflatten(
+        [given[i] if i in given else jnp.zeros_like(leaf)
+         for i, leaf in enumerate(flat)])
 
   def subset(self, units) -> "LeafLayout":
     """The layout of the listed units only (ascending positions)."""

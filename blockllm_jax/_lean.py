@@ -187,39 +187,32 @@ def _add_window(sinks: _Sinks, slot: int, packed, grad, need, offset):
                        out_specs=mesh.buffer_spec, check_vma=False)(*args)
 
 
-def _square(grad):
-  return jnp.sum(jnp.square(grad.astype(jnp.float32)))
-
-
 def _reduce_into(sinks: _Sinks, slot: int, chain, grad, need_packed, need_norm,
                  offset, packs: bool):
   """A leaf gradient reduced into the chain: ``(chain, norm_ct value)``.
 
   Packed passes add the gradient's window to the packed gradient. Fused
   passes fold it into the moments' windows, which stay as they were if
-  the gradient is not finite, and report ``max |g|`` for packed leaves
-  (its finiteness is the caller's) next to the squared norm where asked;
-  that norm runs under its own ``lax.cond`` so that its ``g * g`` is not
-  shared with the second moment's, which XLA would then materialise
-  (one leaf's size).
+  the gradient is not finite, and report the squared norm of every packed
+  leaf (its finiteness is the caller's) as well as of those asked for.
   """
   request = sinks.request
   if request.fused is None:
-    square = _square(grad) if request.want_norms else jnp.zeros([], jnp.float32)
+    square = (_engine.squared_norm(grad) if request.want_norms
+              else jnp.zeros([], jnp.float32))
     if packs:
       packed = _add_window(sinks, slot, chain[0], grad, need_packed, offset)
       chain = (packed,) + tuple(chain[1:])
     return chain, jnp.where(need_norm, square, 0.0)
-  largest = jnp.max(jnp.abs(grad)).astype(jnp.float32)
+  # One reduction for both the finiteness of a packed leaf and a norm.
+  square = _engine.squared_norm(grad, beside_moments=True)
   if packs:
     mu, nu, salt = chain
     mu, nu = _engine.update_window_moments(
-        mu, nu, grad, offset, need_packed & jnp.isfinite(largest),
+        mu, nu, grad, offset, need_packed & jnp.isfinite(square),
         request.fused, salt.astype(jnp.int32))
     chain = (mu, nu, salt)
-  norm = lax.cond(need_norm, lambda: _square(grad),
-                  lambda: jnp.zeros([], jnp.float32))
-  return chain, norm + jnp.where(need_packed, largest, 0.0)
+  return chain, jnp.where(need_norm | need_packed, square, 0.0)
 
 
 def _reduce_gradient(sinks: _Sinks, slot: int, grad, control):
@@ -231,7 +224,7 @@ def _reduce_gradient(sinks: _Sinks, slot: int, grad, control):
     # An unasked leaf adds zeros to a window.
     packed_ct = _add_window(sinks, slot, None, grad, need_packed, offset)
   if request.want_norms:
-    norm_ct = jnp.where(need_norm, _square(grad), 0.0)
+    norm_ct = jnp.where(need_norm, _engine.squared_norm(grad), 0.0)
   return packed_ct, norm_ct
 
 
@@ -446,8 +439,8 @@ class LeanResult(NamedTuple):
   ``dense`` the whole gradient of each leaf asked for in ``dense`` (None
   for the others). Leaves are those passed to :meth:`LeanGradients.backward`.
   After a fused pass (``moments=``) ``packed`` is None, ``moments`` holds
-  the updated moments and ``norm_sq`` adds each packed leaf's ``max |g|``
-  (non-finite: that leaf's windows were left as they were).
+  the updated moments and ``norm_sq`` also holds each packed leaf's squared
+  norm (non-finite: that leaf's windows were left as they were).
   """
 
   packed: Optional[jax.Array]  # packed_dtype[capacity]
@@ -665,8 +658,9 @@ class LeanGradients:
     layers = self._sinks.layers
     single = [rows.start[slot] for slot in range(num_slots)
               if layers[slot] == 1]
-    split = dict(zip(single, (jnp.stack(row) for row in _engine.split_rows(
-        [column[np.asarray(single, np.int64)] for column in control]))))
+    split = dict(zip(single, _engine.split_matrix(jnp.stack(
+        [column[np.asarray(single, np.int64)] for column in control],
+        axis=1))))
     tokens = tuple(
         split[rows.start[slot]] if layers[slot] == 1 else jnp.stack(
             [column[rows.start[slot]:rows.start[slot + 1]]
