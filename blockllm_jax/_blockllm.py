@@ -153,9 +153,7 @@ def scale_by_blockllm(
 
   A step whose loss or eligible gradient is not finite leaves the moments,
   the selection and the loss statistics untouched, returns zero updates and
-  increments ``skipped_count``. (The gradient check is its units' squared
-  norms, which the scores use too: a unit whose squared norm overflows
-  float32, a norm above about 1.8e19, counts as not finite.)
+  increments ``skipped_count``.
 
   Updates of parameters narrower than float32 (bf16, fp16) come back in
   float32, as from :func:`blockllm_jax.scale_by_badam`;
@@ -347,16 +345,16 @@ def scale_by_blockllm(
       packed = updates.packed
     else:
       # Tier A: the full gradient; any non-finite entry skips the step.
-      # One reduction per unit serves both the check and the scores (a
-      # squared norm is finite iff every entry is, short of overflow).
       grads = layout.group_leaves(updates)
-      local_norm_sq = _engine.unit_norms_squared(layout, updates)
       finite = _sharding.all_true(
-          jnp.isfinite(loss) & jnp.all(jnp.isfinite(local_norm_sq)), reduce)
+          jnp.isfinite(loss) & jnp.all(_engine.finite_units(layout, updates)),
+          reduce)
       do_select = finite & trigger_of(state, loss)
 
       def reselect_from_grads(selection):
-        norm_sq = _sharding.leaf_sums(local_norm_sq, reduce)
+        # The scores' norms only on steps that reselect.
+        norm_sq = _sharding.leaf_sums(
+            _engine.unit_norms_squared(layout, updates), reduce)
         return reselect(selection, choose(
             selection.visit_count, jnp.sqrt(norm_sq), sizes, select_sizes,
             select_capacity), sizes)

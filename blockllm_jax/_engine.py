@@ -385,10 +385,8 @@ def finite_units(layout: _layout.LeafLayout, tree) -> jax.Array:
 
 
 def unit_norms_squared(layout: _layout.LeafLayout, tree) -> jax.Array:
-  """float32[U]: each unit's squared norm (one reduction per stacked leaf),
-  of a gradient that also feeds the moments (see :func:`squared_norm`)."""
-  return layout.unit_reduce(
-      tree, lambda x, axes: squared_norm(x, axes, beside_moments=True))
+  """float32[U]: each unit's squared norm (one reduction per stacked leaf)."""
+  return layout.unit_reduce(tree, squared_norm)
 
 
 def squared_norm(x: jax.Array, axes=None, *,
