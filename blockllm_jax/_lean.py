@@ -193,8 +193,9 @@ def _reduce_into(sinks: _Sinks, slot: int, chain, grad, need_packed, need_norm,
 
   Packed passes add the gradient's window to the packed gradient. Fused
   passes fold it into the moments' windows, which stay as they were if
-  the gradient is not finite, and report the squared norm of every packed
-  leaf (its finiteness is the caller's) as well as of those asked for.
+  the gradient is not finite (or its squared norm overflows float32), and
+  report the squared norm of every packed leaf (its finiteness is the
+  caller's) as well as of those asked for.
   """
   request = sinks.request
   if request.fused is None:
