@@ -69,8 +69,16 @@ class AdamSettings(NamedTuple):
   @property
   def use_weight_decay(self) -> bool:
     """False only for a Python zero, so that the term is dropped at trace time."""
-    return not (isinstance(self.weight_decay, (int, float))
-                and self.weight_decay == 0)
+    return not _python_zero(self.weight_decay)
+
+  @property
+  def use_eps_root(self) -> bool:
+    """False only for a Python zero (the default): no ``+ 0`` per unit."""
+    return not _python_zero(self.eps_root)
+
+
+def _python_zero(value) -> bool:
+  return isinstance(value, (int, float)) and value == 0
 
 
 def adam_settings(*, b1, b2, eps, eps_root, weight_decay,
@@ -445,8 +453,7 @@ def adam_direction(mu: jax.Array, nu: jax.Array, unit: Unit,
   wide = _wide(mu.dtype)
   mu_hat = mu.astype(wide) * unit.scale1.astype(wide)
   nu_hat = nu.astype(wide) * unit.scale2.astype(wide)
-  if not (isinstance(settings.eps_root, (int, float))
-          and settings.eps_root == 0):
+  if settings.use_eps_root:
     nu_hat = nu_hat + settings.eps_root
   return mu_hat / (jnp.sqrt(nu_hat) + settings.eps)
 
