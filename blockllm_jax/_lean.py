@@ -72,11 +72,12 @@ def _encode_offset(offset):
 
 
 def _decode_control(control):
-  need_packed = control[0] > 0
-  need_norm = control[1] > 0
-  offset = (control[2].astype(jnp.int32) * _OFFSET_SPLIT +
-            control[3].astype(jnp.int32))
-  return need_packed, need_norm, offset
+  # lax.index_in_dim, not ``control[k]``: jnp indexing costs milliseconds
+  # of tracing per call, once per leaf.
+  need_packed, need_norm, high, low = (
+      lax.index_in_dim(control, k, keepdims=False) for k in range(_CONTROL))
+  offset = high.astype(jnp.int32) * _OFFSET_SPLIT + low.astype(jnp.int32)
+  return need_packed > 0, need_norm > 0, offset
 
 
 class _MeshPacking(NamedTuple):
@@ -133,31 +134,81 @@ class _Sinks:
     self.request = _Request()
 
 
-def _packs(sinks: _Sinks, slot: int, shape) -> bool:
-  """Whether the leaf's gradient (its shard, on a mesh) fits the packed
-  buffer at all: a leaf larger than the capacity is never selected."""
-  mesh = sinks.request.mesh
-  if mesh is None:
-    return int(np.prod(shape)) <= sinks.capacity
-  return mesh.local_sizes[slot] <= mesh.local_capacity
+class _LeafRule(NamedTuple):
+  """What one leaf's backward rule does, static and hashable: the rules of
+  leaves with equal rules and shapes (the same projection in every layer)
+  are traced once, as one shared ``jax.jit`` (:func:`_shared`)."""
+
+  capacity: int  # length of the packed buffer (of each device's slice)
+  packed_dtype: Any  # dtype of the packed buffer
+  packs: bool  # the pass writes packed windows and the leaf fits
+  want_norms: bool  # the pass reports squared norms
+  fused: Any  # _engine.AdamSettings: moments in the chain; None: a packed one
+  mesh: Any = None  # jax Mesh of sharded parameters; None: one device
+  spec: Any = None  # the leaf's PartitionSpec on ``mesh``
+  buffer_spec: Any = None  # the packed buffer's PartitionSpec on ``mesh``
 
 
-def _shard_like_param(sinks: _Sinks, slot: int, grad):
-  mesh = sinks.request.mesh
+def _leaf_rule(sinks: _Sinks, slot: int, shape) -> _LeafRule:
+  """The current request's rule for the leaf in ``slot`` (of ``shape``).
+
+  A leaf larger than the packed buffer (its shard, on a mesh) is never
+  selected and writes nothing.
+  """
+  request = sinks.request
+  mesh = request.mesh
   if mesh is None:
+    return _LeafRule(
+        capacity=sinks.capacity, packed_dtype=sinks.packed_dtype,
+        packs=request.want_packed and int(np.prod(shape)) <= sinks.capacity,
+        want_norms=request.want_norms, fused=request.fused)
+  return _LeafRule(
+      capacity=mesh.local_capacity, packed_dtype=sinks.packed_dtype,
+      packs=(request.want_packed and
+             mesh.local_sizes[slot] <= mesh.local_capacity),
+      want_norms=request.want_norms, fused=request.fused, mesh=mesh.mesh,
+      spec=mesh.specs[slot], buffer_spec=mesh.buffer_spec)
+
+
+def _shared(num_static: int) -> Callable:
+  """Decorates ``rule_fn(*static, *arrays)``, a backward rule's body, so
+  that it is traced once per distinct statics and shapes: a ``jax.jit``
+  whose jaxpr every same-shaped leaf reuses, instead of tracing (and
+  lowering) the same rule once per layer. Falls back to a plain call where
+  the statics are not hashable (e.g. Adam settings traced by
+  ``optax.inject_hyperparams``)."""
+
+  def decorate(rule_fn: Callable) -> Callable:
+    jitted = jax.jit(rule_fn, static_argnums=tuple(range(num_static)))
+
+    @functools.wraps(rule_fn)
+    def call(*args):
+      try:
+        hash(args[:num_static])
+      except TypeError:
+        return rule_fn(*args)
+      return jitted(*args)
+
+    return call
+
+  return decorate
+
+
+def _shard_like_param(rule: _LeafRule, grad):
+  if rule.mesh is None:
     return grad
-  return lax.with_sharding_constraint(
-      grad, NamedSharding(mesh.mesh, mesh.specs[slot]))
+  return lax.with_sharding_constraint(grad, NamedSharding(rule.mesh,
+                                                          rule.spec))
 
 
-def _add_window(sinks: _Sinks, slot: int, packed, grad, need, offset):
+def _add_window(rule: _LeafRule, packed, grad, need, offset):
   """``packed`` plus ``grad`` (flattened) on its window at ``offset`` if
   ``need``; ``packed=None`` starts from zeros.
 
   On a mesh each device adds its own shard of ``grad`` to its own slice of
   ``packed`` (a ``shard_map``): nothing crosses devices.
   """
-  dtype = sinks.packed_dtype
+  dtype = rule.packed_dtype
 
   def add(grad, need, offset, *packed):
     flat = grad.reshape(-1).astype(dtype)
@@ -166,29 +217,25 @@ def _add_window(sinks: _Sinks, slot: int, packed, grad, need, offset):
       # ``zeros + dus(zeros, g, offset)`` is what XLA rewrites into an
       # in-place update of the accumulated buffer, so each leaf costs its
       # own size, not the buffer's.
-      size = (sinks.capacity if sinks.request.mesh is None
-              else sinks.request.mesh.local_capacity)
-      return lax.dynamic_update_slice(jnp.zeros([size], dtype), flat,
-                                      (offset,))
+      return lax.dynamic_update_slice(jnp.zeros([rule.capacity], dtype),
+                                      flat, (offset,))
     window = lax.dynamic_slice(packed[0], (offset,), (flat.shape[0],))
     return lax.dynamic_update_slice(packed[0], window + flat, (offset,))
 
-  mesh = sinks.request.mesh
-  if mesh is not None:
-    # Without this, XLA may sum the gradient whole on every device (an
-    # all-reduce) and slice it, instead of reduce-scattering it to shards.
-    grad = _shard_like_param(sinks, slot, grad)
+  # Without this, XLA may sum the gradient whole on every device (an
+  # all-reduce) and slice it, instead of reduce-scattering it to shards.
+  grad = _shard_like_param(rule, grad)
   args = (grad, need, offset) + (() if packed is None else (packed,))
-  if mesh is None:
+  if rule.mesh is None:
     return add(*args)
-  specs = (mesh.specs[slot], P(), P()) + (() if packed is None
-                                          else (mesh.buffer_spec,))
-  return jax.shard_map(add, mesh=mesh.mesh, in_specs=specs,
-                       out_specs=mesh.buffer_spec, check_vma=False)(*args)
+  specs = (rule.spec, P(), P()) + (() if packed is None
+                                   else (rule.buffer_spec,))
+  return jax.shard_map(add, mesh=rule.mesh, in_specs=specs,
+                       out_specs=rule.buffer_spec, check_vma=False)(*args)
 
 
-def _reduce_into(sinks: _Sinks, slot: int, chain, grad, need_packed, need_norm,
-                 offset, packs: bool):
+def _reduce_into(rule: _LeafRule, chain, grad, need_packed, need_norm,
+                 offset):
   """A leaf gradient reduced into the chain: ``(chain, norm_ct value)``.
 
   Packed passes add the gradient's window to the packed gradient. Fused
@@ -197,36 +244,70 @@ def _reduce_into(sinks: _Sinks, slot: int, chain, grad, need_packed, need_norm,
   report the squared norm of every packed leaf (its finiteness is the
   caller's) as well as of those asked for.
   """
-  request = sinks.request
-  if request.fused is None:
-    square = (_engine.squared_norm(grad) if request.want_norms
+  if rule.fused is None:
+    square = (_engine.squared_norm(grad) if rule.want_norms
               else jnp.zeros([], jnp.float32))
-    if packs:
-      packed = _add_window(sinks, slot, chain[0], grad, need_packed, offset)
+    if rule.packs:
+      packed = _add_window(rule, chain[0], grad, need_packed, offset)
       chain = (packed,) + tuple(chain[1:])
     return chain, jnp.where(need_norm, square, 0.0)
   # One reduction for both the finiteness of a packed leaf and a norm.
   square = _engine.squared_norm(grad, beside_moments=True)
-  if packs:
+  if rule.packs:
     mu, nu, salt = chain
     mu, nu = _engine.update_window_moments(
         mu, nu, grad, offset, need_packed & jnp.isfinite(square),
-        request.fused, salt.astype(jnp.int32))
+        rule.fused, salt.astype(jnp.int32))
     chain = (mu, nu, salt)
   return chain, jnp.where(need_norm | need_packed, square, 0.0)
 
 
-def _reduce_gradient(sinks: _Sinks, slot: int, grad, control):
+def _reduce_gradient(rule: _LeafRule, grad, control):
   """A leaf gradient -> (packed contribution, norm contribution)."""
   need_packed, need_norm, offset = _decode_control(control)
-  request = sinks.request
   packed_ct = norm_ct = None
-  if request.want_packed and _packs(sinks, slot, grad.shape):
+  if rule.packs:
     # An unasked leaf adds zeros to a window.
-    packed_ct = _add_window(sinks, slot, None, grad, need_packed, offset)
-  if request.want_norms:
+    packed_ct = _add_window(rule, None, grad, need_packed, offset)
+  if rule.want_norms:
     norm_ct = jnp.where(need_norm, _engine.squared_norm(grad), 0.0)
   return packed_ct, norm_ct
+
+
+@_shared(num_static=1)
+def _tap_reduce(rule: _LeafRule, grad, control, chain):
+  """A chained tap's backward rule: ``(chain, norm_ct value)``."""
+  need_packed, need_norm, offset = _decode_control(control)
+  return _reduce_into(rule, chain, grad, need_packed, need_norm, offset)
+
+
+@_shared(num_static=4)
+def _dense_reduce(rule: _LeafRule, kernel_dtype, param_dtype, precision,
+                  inputs, out_grad, control, chain):
+  """A taken-over Dense's weight gradient, computed only if the pass asks
+  for its window or norm, reduced into the chain: ``(chain, square)``."""
+  need_packed, need_norm, offset = _decode_control(control)
+  wanted = jnp.zeros([], bool)
+  if rule.packs:
+    wanted |= need_packed
+  if rule.want_norms:
+    wanted |= need_norm
+
+  def reduce(chain):
+    grad = _dense_weight_grad(rule, precision, inputs, out_grad, kernel_dtype)
+    return _reduce_into(rule, chain, grad.astype(param_dtype), need_packed,
+                        need_norm, offset)
+
+  # The point of tier C: an unselected layer skips the matmul.
+  return lax.cond(wanted, reduce,
+                  lambda chain: (chain, jnp.zeros([], jnp.float32)), chain)
+
+
+def _dense_weight_grad(rule: _LeafRule, precision, inputs, out_grad, dtype):
+  batch_axes = tuple(range(inputs.ndim - 1))
+  return _shard_like_param(rule, lax.dot_general(
+      inputs, out_grad, ((batch_axes, batch_axes), ((), ())),
+      precision=precision).astype(dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -245,7 +326,8 @@ def _tap_bwd(sinks, slot, residual, cotangents):
   grad, control = cotangents
   if not sinks.request.live[slot]:
     return None, None, None
-  packed_ct, norm_ct = _reduce_gradient(sinks, slot, grad, control)
+  packed_ct, norm_ct = _reduce_gradient(_leaf_rule(sinks, slot, grad.shape),
+                                        grad, control)
   dense_ct = grad if sinks.request.dense[slot] else None
   return dense_ct, packed_ct, norm_ct
 
@@ -271,10 +353,8 @@ def _chained_tap_bwd(sinks, slot, residual, cotangents):
   request = sinks.request
   if not request.live[slot]:
     return None, chain, None
-  need_packed, need_norm, offset = _decode_control(control)
-  chain, norm = _reduce_into(
-      sinks, slot, chain, grad, need_packed, need_norm, offset,
-      request.want_packed and _packs(sinks, slot, grad.shape))
+  chain, norm = _tap_reduce(_leaf_rule(sinks, slot, grad.shape), grad,
+                            control, chain)
   norm_ct = norm if request.want_norms else None
   return (grad if request.dense[slot] else None), chain, norm_ct
 
@@ -323,34 +403,17 @@ def _lean_dense_bwd(sinks, slot, param_dtype, precision, residual,
   request = sinks.request
   if not request.live[slot]:
     return input_grad, None, packed, None
-  need_packed, need_norm, offset = _decode_control(control)
-  batch_axes = tuple(range(inputs.ndim - 1))
-  packs = request.want_packed and _packs(sinks, slot, kernel.shape)
-
-  def weight_grad():
-    return _shard_like_param(sinks, slot, lax.dot_general(
-        inputs, out_grad, ((batch_axes, batch_axes), ((), ())),
-        precision=precision).astype(kernel.dtype))
-
-  def reduce(kernel_grad, packed):
-    """The chain with this leaf's window written; its norm_ct value."""
-    return _reduce_into(sinks, slot, packed, kernel_grad.astype(param_dtype),
-                        need_packed, need_norm, offset, packs)
-
+  rule = _leaf_rule(sinks, slot, kernel.shape)
   kernel_grad = None
   if request.dense[slot]:
-    kernel_grad = weight_grad()
-    packed, square = reduce(kernel_grad, packed)
+    kernel_grad = _dense_weight_grad(rule, precision, inputs, out_grad,
+                                     kernel.dtype)
+    packed, square = _tap_reduce(rule, kernel_grad.astype(param_dtype),
+                                 control, packed)
   else:
-    wanted = jnp.zeros([], bool)
-    if packs:
-      wanted |= need_packed
-    if request.want_norms:
-      wanted |= need_norm
-    # The point of tier C: an unselected layer skips the matmul.
-    packed, square = lax.cond(
-        wanted, lambda packed: reduce(weight_grad(), packed),
-        lambda packed: (packed, jnp.zeros([], jnp.float32)), packed)
+    packed, square = _dense_reduce(rule, kernel.dtype, param_dtype,
+                                   precision, inputs, out_grad, control,
+                                   packed)
   norm_ct = square if request.want_norms else None
   return input_grad, kernel_grad, packed, norm_ct
 
