@@ -152,20 +152,27 @@ def split_rows(vectors: Sequence[jax.Array]) -> list:
            for k, v in enumerate(vectors)] for row in rows]
 
 
-def split_matrix(matrix: jax.Array) -> list:
+def split_matrix(matrix: jax.Array, *, as_bits: bool = True) -> list:
   """The rows of an int32 or float32 ``[n, k]`` matrix as separate buffers.
 
   One variadic reduction over ``n`` masked copies of the matrix yields row
   ``i`` as output ``i``: a single kernel whose outputs are separate arrays
-  (each the sum of one row and zeros, hence exact, on the int32 bits),
-  instead of ``n`` slices that XLA would fuse into, and so make distinct,
-  every consumer's kernel.
+  (each the sum of one row and zeros, hence exact), instead of ``n`` slices
+  that XLA would fuse into, and so make distinct, every consumer's kernel.
+
+  Args:
+    matrix: the int32 or float32 ``[n, k]`` matrix.
+    as_bits: sum a float matrix as its int32 bits (exact for every value);
+      ``False`` sums the floats themselves, exact for all but ``-0.0`` and
+      NaN payloads, and spares each row a conversion back (which becomes a
+      kernel of its own where the row feeds a ``lax.cond``).
   """
   n = int(matrix.shape[0])
   if n == 0:
     return []
   dtype = matrix.dtype
-  if dtype != jnp.int32:
+  bits = dtype != jnp.int32 and as_bits
+  if bits:
     matrix = lax.bitcast_convert_type(matrix.astype(jnp.float32), jnp.int32)
   # The barrier ties the masks to the data: inside a loop XLA would hoist
   # each loop-invariant ``iota == i`` out of the reduction into a kernel of
@@ -175,13 +182,13 @@ def split_matrix(matrix: jax.Array) -> list:
   operands = tuple(lax.select(jnp.broadcast_to(iota == i, matrix.shape),
                               matrix, jnp.zeros_like(matrix))
                    for i in range(n))
-  zeros = tuple(jnp.zeros([], jnp.int32) for _ in range(n))
+  zeros = tuple(jnp.zeros([], matrix.dtype) for _ in range(n))
 
   def add(xs, ys):
     return tuple(x + y for x, y in zip(xs, ys))
 
   rows = lax.reduce(operands, zeros, add, (0,))
-  if dtype == jnp.int32:
+  if not bits:
     return list(rows)
   return [lax.bitcast_convert_type(row, jnp.float32) for row in rows]
 

@@ -286,21 +286,27 @@ def _dense_reduce(rule: _LeafRule, kernel_dtype, param_dtype, precision,
                   inputs, out_grad, control, chain):
   """A taken-over Dense's weight gradient, computed only if the pass asks
   for its window or norm, reduced into the chain: ``(chain, square)``."""
-  need_packed, need_norm, offset = _decode_control(control)
+  need_packed, need_norm, _ = _decode_control(control)
   wanted = jnp.zeros([], bool)
   if rule.packs:
     wanted |= need_packed
   if rule.want_norms:
     wanted |= need_norm
 
-  def reduce(chain):
+  def reduce(chain, control):
+    # Decoded again in here, where XLA fuses the decoding into its uses,
+    # instead of materialising each flag as an operand of the cond.
+    need_packed, need_norm, offset = _decode_control(control)
     grad = _dense_weight_grad(rule, precision, inputs, out_grad, kernel_dtype)
     return _reduce_into(rule, chain, grad.astype(param_dtype), need_packed,
                         need_norm, offset)
 
+  def skip(chain, control):
+    del control
+    return chain, jnp.zeros([], jnp.float32)
+
   # The point of tier C: an unselected layer skips the matmul.
-  return lax.cond(wanted, reduce,
-                  lambda chain: (chain, jnp.zeros([], jnp.float32)), chain)
+  return lax.cond(wanted, reduce, skip, chain, control)
 
 
 def _dense_weight_grad(rule: _LeafRule, precision, inputs, out_grad, dtype):
@@ -722,9 +728,10 @@ class LeanGradients:
     layers = self._sinks.layers
     single = [rows.start[slot] for slot in range(num_slots)
               if layers[slot] == 1]
+    # Control values are whole numbers >= 0: summed as floats, exactly.
     split = dict(zip(single, _engine.split_matrix(jnp.stack(
         [column[np.asarray(single, np.int64)] for column in control],
-        axis=1))))
+        axis=1), as_bits=False)))
     tokens = tuple(
         split[rows.start[slot]] if layers[slot] == 1 else jnp.stack(
             [column[rows.start[slot]:rows.start[slot + 1]]
