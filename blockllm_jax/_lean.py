@@ -323,8 +323,10 @@ def _tap(sinks: _Sinks, slot: int, param, packed_sink, norm_sink):
   return param, jnp.zeros([_CONTROL], jnp.float32)
 
 
+# The forward rules call the undecorated functions (``.fun``): calling the
+# custom_vjp functions there would trace each call twice.
 def _tap_fwd(sinks, slot, param, packed_sink, norm_sink):
-  return _tap(sinks, slot, param, packed_sink, norm_sink), None
+  return _tap.fun(sinks, slot, param, packed_sink, norm_sink), None
 
 
 def _tap_bwd(sinks, slot, residual, cotangents):
@@ -350,7 +352,7 @@ def _chained_tap(sinks: _Sinks, slot: int, param, chain, norm_sink):
 
 
 def _chained_tap_fwd(sinks, slot, param, chain, norm_sink):
-  return _chained_tap(sinks, slot, param, chain, norm_sink), None
+  return _chained_tap.fun(sinks, slot, param, chain, norm_sink), None
 
 
 def _chained_tap_bwd(sinks, slot, residual, cotangents):
@@ -393,8 +395,8 @@ def _contract(inputs, kernel, precision):
 
 def _lean_dense_fwd(sinks, slot, param_dtype, precision, inputs, kernel,
                     packed_chain, norm_sink):
-  outputs = _lean_dense(sinks, slot, param_dtype, precision, inputs, kernel,
-                        packed_chain, norm_sink)
+  outputs = _lean_dense.fun(sinks, slot, param_dtype, precision, inputs,
+                            kernel, packed_chain, norm_sink)
   return outputs, (inputs, kernel)
 
 
