@@ -4,7 +4,8 @@ For each depth, builds our LLaMA (default width 64) and compiles one jitted
 train step per method on abstract shapes (``jax.jit(step).lower(...)
 .compile()``), timing the CPU process time of lowering plus compiling (what
 a user waits for before the first step; process time is less sensitive to
-a busy machine than wall time), the median of ``--repeat`` compiles.
+a busy machine than wall time), the median of ``--repeat`` compiles taken
+in rounds over the methods.
 Reports the time, its ratio to AdamW's at the same depth, the size of the
 optimized HLO and, per method, the slope of compile time over depth
 (seconds per layer, least squares) next to AdamW's.
@@ -80,7 +81,8 @@ def train_step(method: str, model):
   return tx, step
 
 
-def measure(method: str, layers: int, args) -> dict:
+def build(method: str, layers: int, args):
+  """A method's jitted step and the abstract arguments it compiles for."""
   settings = LlamaSettings(
       vocab_size=args.vocab, hidden_size=args.width,
       intermediate_size=2 * args.width, num_hidden_layers=layers,
@@ -93,20 +95,39 @@ def measure(method: str, layers: int, args) -> dict:
                          jnp.zeros(tokens.shape, tokens.dtype))["params"])
   tx, step = train_step(method, model)
   opt_state = jax.eval_shape(tx.init, params)
-  cpus, walls = [], []
+  return step, (params, opt_state, tokens)
+
+
+def compile_once(step, arguments):
+  """(CPU s, wall s, compiled) of lowering plus compiling from scratch."""
+  jax.clear_caches()
+  wall, cpu = time.perf_counter(), time.process_time()
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*arguments).compile()
+  return time.process_time() - cpu, time.perf_counter() - wall, compiled
+
+
+def measure_depth(layers: int, args, progress) -> list:
+  """One row per method at ``layers``: the median of ``--repeat`` compiles.
+
+  The repeats go round the methods (adamw, blockllm, ..., adamw, ...), so
+  that a stretch of a slow machine falls on every method alike instead of
+  on one method's consecutive compiles."""
+  built = {m: build(m, layers, args) for m in args.methods}
+  cpus = {m: [] for m in args.methods}
+  walls = {m: [] for m in args.methods}
+  hlo_lines = {}
   for _ in range(args.repeat):
-    jax.clear_caches()
-    wall, cpu = time.perf_counter(), time.process_time()
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-        params, opt_state, tokens).compile()
-    cpus.append(time.process_time() - cpu)
-    walls.append(time.perf_counter() - wall)
-  hlo_lines = len(compiled.as_text().splitlines())
-  # The median of the repeats: one compile can be slowed by the machine.
-  return dict(method=method, layers=layers,
-              compile_cpu_s=float(np.median(cpus)),
-              compile_wall_s=float(np.median(walls)), compile_cpu_all=cpus,
-              hlo_lines=hlo_lines)
+    for method in args.methods:
+      cpu, wall, compiled = compile_once(*built[method])
+      cpus[method].append(cpu)
+      walls[method].append(wall)
+      hlo_lines[method] = len(compiled.as_text().splitlines())
+      progress.update()
+  return [dict(method=m, layers=layers,
+               compile_cpu_s=float(np.median(cpus[m])),
+               compile_wall_s=float(np.median(walls[m])),
+               compile_cpu_all=cpus[m], hlo_lines=hlo_lines[m])
+          for m in args.methods]
 
 
 def slope(rows, method):
@@ -146,11 +167,14 @@ def main():
   print(llama_common.device_banner(
       f"width {args.width}, batch {args.batch} x seq {args.seq}"))
   rows = []
-  jobs = [(n, m) for n in args.layers for m in args.methods]
-  for layers, method in llama_common.tqdm(jobs, desc="compile"):
-    rows.append(measure(method, layers, args))
+  progress = llama_common.tqdm(
+      total=len(args.layers) * len(args.methods) * args.repeat,
+      desc="compile")
+  for layers in args.layers:
+    rows += measure_depth(layers, args, progress)
     jax.clear_caches()
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+  progress.close()
 
   adamw = {r["layers"]: r for r in rows if r["method"] == "adamw"}
   header = ["layers", "method", "compile s (CPU)", "÷ adamw", "HLO lines",
