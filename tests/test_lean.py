@@ -430,3 +430,33 @@ def test_bfloat16_moments_round_with_the_same_bits_on_both_paths(name):
     differ = a != b
     assert differ.sum() <= max(2, a.size // 1000), (field, differ.sum())
     np.testing.assert_allclose(b, a, rtol=2**-7, atol=1e-9)
+
+
+def _jit_calls(jaxpr, name, found):
+  """The jaxprs of every nested ``jax.jit`` call named ``name``."""
+  for eqn in jaxpr.eqns:
+    if eqn.params.get("name") == name:
+      found.append(eqn.params["jaxpr"])
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else [value]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          _jit_calls(inner, name, found)
+  return found
+
+
+def test_backward_rules_of_equal_layers_are_traced_once():
+  # Each layer's seven projections reuse the traced rule of the same
+  # projection in the other layers (one jaxpr per shape, not per layer):
+  # what keeps tracing and lowering time near the plain step's.
+  params = llama_params()
+  tx = bl.blockllm(1e-3, sparsity=0.5)
+  jaxpr = jax.make_jaxpr(lean_step(tx, loss_of(MODEL)))(
+      params, tx.init(params), batch_at(0)).jaxpr
+  calls = _jit_calls(jaxpr, "_dense_reduce", [])
+  layers = TINY_LLAMA.num_hidden_layers
+  # Every layer's projections (the head is not eligible by default).
+  assert len(calls) == 7 * layers
+  signatures = {tuple(str(v.aval) for v in c.jaxpr.invars) for c in calls}
+  # q/o, k/v, gate/up and down: one traced rule per signature.
+  assert len({id(c) for c in calls}) == len(signatures) == 4

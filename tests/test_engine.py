@@ -1,0 +1,40 @@
+"""The engine's building blocks, against hand-computed values."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blockllm_jax import _engine
+
+
+def test_split_matrix_rows_are_exact():
+  ints = jnp.asarray([[1, -2, 2**31 - 1], [0, 7, -(2**31)]], jnp.int32)
+  for got, want in zip(_engine.split_matrix(ints), np.asarray(ints)):
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, want)
+  # As int32 bits, every float comes back bit for bit (-0.0, NaN, Inf too).
+  floats = jnp.asarray([[-0.0, jnp.nan, jnp.inf], [1e-45, -3.5, 2.0**100]],
+                       jnp.float32)
+  rows = jax.jit(_engine.split_matrix)(floats)
+  for got, want in zip(rows, np.asarray(floats)):
+    np.testing.assert_array_equal(np.asarray(got).view(np.int32),
+                                  want.view(np.int32))
+  # Summed as floats, whole numbers >= 0 (the lean control rows) are exact.
+  whole = jnp.asarray([[0.0, 1.0, 4095.0], [1.0, 0.0, 2.0**23 + 1]])
+  rows = jax.jit(lambda m: _engine.split_matrix(m, as_bits=False))(whole)
+  for got, want in zip(rows, np.asarray(whole)):
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(got, want)
+
+
+def test_split_rows_mixes_ints_and_floats():
+  offsets = jnp.asarray([0, 4096, 2**30], jnp.int32)
+  scales = jnp.asarray([1.0, 10.000001, 1e-30], jnp.float32)
+  rows = _engine.split_rows([scales, offsets])
+  assert len(rows) == 3
+  for i, (scale, offset) in enumerate(rows):
+    assert scale.dtype == jnp.float32 and offset.dtype == jnp.int32
+    assert scale.shape == offset.shape == ()
+    np.testing.assert_array_equal(scale, scales[i])
+    assert int(offset) == int(offsets[i])
+  assert _engine.split_rows([jnp.zeros([0], jnp.int32)]) == []
