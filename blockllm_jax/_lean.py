@@ -1014,10 +1014,8 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
           jax.tree.structure(shape), outs)
       missing = [s for s in taken if s not in found]
       if missing:
-        raise RuntimeError(
-            "compute_lean: the loss function took a different path than "
-            f"when it was planned (layers {missing}); pass "
-            "`compute_lean=False`.")
+        raise _path_changed([paths[slot_leaves[s]] for s in missing],
+                            stacked=True)
       tokens = tuple(found.get(s, t) for s, t in enumerate(tokens))
       return (loss, tokens, chain), aux
 
@@ -1052,10 +1050,8 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
         loss, aux = call_loss(treedef.unflatten(tree_leaves))
       missing = [s for s in lean_slots if tokens[s] is None]
       if missing:
-        raise RuntimeError(
-            "compute_lean: the loss function took a different path than "
-            f"when it was planned (layers {missing}); pass "
-            "`compute_lean=False`.")
+        raise _path_changed([paths[slot_leaves[s]] for s in missing],
+                            stacked=False)
       # The end of the chain gets a zero cotangent; the packed gradient is
       # then the cotangent of `packed_sink`: the chain plus the taps.
       return (loss, tuple(tokens), chain[0]), aux
@@ -1090,6 +1086,21 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
     return ((loss, aux) if has_aux else loss), grads
 
   return value_and_lean_grad
+
+
+def _path_changed(missing_paths, stacked: bool) -> RuntimeError:
+  """The error of a loss function that, traced again, did not reach the
+  Dense calls (or scans) its planning trace found."""
+  remedy = ("use `jax.value_and_grad` for this model" if stacked else
+            "pass `compute_lean=False` (taps only), or use "
+            "`jax.value_and_grad`")
+  return RuntimeError(
+      "lean_value_and_grad: the loss function took a different path when "
+      "traced again than when its layers were planned (it traces the loss "
+      "twice with the same arguments); these leaves were not reached: "
+      f"{', '.join(missing_paths)}. Make the loss trace the same way each "
+      "time (no Python-side state or randomness that changes between "
+      f"calls), or {remedy}.")
 
 
 def _plan_lean(call_loss, flat, treedef, slot_leaves, paths,

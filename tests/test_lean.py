@@ -234,6 +234,33 @@ def test_fallback_warns_and_stays_exact():
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
 
+class TwoDense(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, skip_second=False):
+    x = nn.Dense(8, name="first")(x)
+    return x if skip_second else nn.Dense(8, name="second")(x)
+
+
+def test_loss_that_traces_differently_is_refused_by_name():
+  model = TwoDense()
+  x = jnp.ones((2, 8))
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  traces = []
+
+  def loss_fn(p, x):
+    # Python-side state: the second trace skips a layer the plan found.
+    traces.append(None)
+    return jnp.sum(model.apply({"params": p}, x,
+                               skip_second=len(traces) > 1) ** 2)
+
+  tx = bl.blockllm(1e-2, sparsity=0.5, eligible=lambda p, l: True)
+  with pytest.raises(RuntimeError, match="second/kernel") as error:
+    jax.eval_shape(lambda p, s: bl.lean_value_and_grad(loss_fn)(p, s, x),
+                   params, tx.init(params))
+  assert "compute_lean=False" in str(error.value)
+
+
 def test_lean_step_compiles_once_across_reselections():
   tx = OPTIMIZERS["blockllm"]()
   traces = []
