@@ -121,7 +121,8 @@ def measure_depth(layers: int, args, progress) -> list:
       cpu, wall, compiled = compile_once(*built[method])
       cpus[method].append(cpu)
       walls[method].append(wall)
-      hlo_lines[method] = len(compiled.as_text().splitlines())
+      if method not in hlo_lines:  # the same program every repeat
+        hlo_lines[method] = len(compiled.as_text().splitlines())
       progress.update()
   return [dict(method=m, layers=layers,
                compile_cpu_s=float(np.median(cpus[m])),
