@@ -136,7 +136,9 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
   on ``q``: exactly whenever ``q`` is within a factor of two of ``p`` or
   ``p == 0`` (Sterbenz), which covers every small step; a step larger than
   the parameter itself gets within one ulp of ``q``. Leaves whose update is
-  not wider than the parameter pass through unchanged.
+  not wider than the parameter pass through unchanged; with no such leaf at
+  all (float32 parameters) the transformation is the identity and its key
+  does not advance.
 
   Memory: no per-parameter state, one ``uint32[2]`` key; the random bits
   are a hash of the coordinate index fused into the rounding, so no random
@@ -167,6 +169,11 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
       raise ValueError("`stochastic_rounding` needs `params` in `update` to "
                        "round `params + updates`.")
     flat_params = treedef.flatten_up_to(params)
+    if not any(_is_narrower_float(p, u)
+               for u, p in zip(flat_updates, flat_params)):
+      # Nothing to round: no key split either (on CPU a split is a loop in
+      # the program, one more for XLA to simplify in every step).
+      return updates, state
     key, subkey = jax.random.split(state.key)
     out = []
     for i, (update, param) in enumerate(zip(flat_updates, flat_params)):

@@ -148,6 +148,30 @@ def test_stochastic_round_is_unbiased_and_lands_on_neighbours(dtype):
   assert bool(jnp.all(jnp.isnan(nan)))
 
 
+def _draws_random_bits(fn, *args) -> bool:
+  text = str(jax.make_jaxpr(fn)(*args))  # nested jaxprs included
+  return "random_split" in text or "threefry" in text
+
+
+def test_stochastic_rounding_without_narrow_params_is_the_identity():
+  """Float32 parameters: the updates pass through, the key stays (no
+  random numbers drawn: on CPU a key split is a loop in the program); a
+  bf16 leaf in the tree draws them as before."""
+  rounding = bl.stochastic_rounding(seed=3)
+  params = {"a": jnp.ones((4, 4)), "b": jnp.ones(3)}
+  updates = {"a": jnp.full((4, 4), 1e-3), "b": jnp.full(3, -2e-3)}
+  state = rounding.init(params)
+  out, new_state = jax.jit(rounding.update)(updates, state, params)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(updates)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(new_state.key, state.key)
+  assert not _draws_random_bits(rounding.update, updates, state, params)
+  mixed = {"a": params["a"].astype(jnp.bfloat16), "b": params["b"]}
+  _, mixed_state = jax.jit(rounding.update)(updates, state, mixed)
+  assert not np.array_equal(mixed_state.key, state.key)
+  assert _draws_random_bits(rounding.update, updates, state, mixed)
+
+
 @pytest.mark.parametrize("kind", ["pickle", "orbax"])
 def test_resume_bf16_with_rounding_is_bit_identical(kind, tmp_path):
   params = layered_params(3, dtype=jnp.bfloat16)
