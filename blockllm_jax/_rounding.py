@@ -169,15 +169,16 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
       raise ValueError("`stochastic_rounding` needs `params` in `update` to "
                        "round `params + updates`.")
     flat_params = treedef.flatten_up_to(params)
-    if not any(_is_narrower_float(p, u)
-               for u, p in zip(flat_updates, flat_params)):
+    narrower = [_is_narrower_float(p, u)
+                for u, p in zip(flat_updates, flat_params)]
+    if not any(narrower):
       # Nothing to round: no key split either (on CPU a split is a loop in
       # the program, one more for XLA to simplify in every step).
       return updates, state
     key, subkey = jax.random.split(state.key)
     out = []
     for i, (update, param) in enumerate(zip(flat_updates, flat_params)):
-      if not _is_narrower_float(param, update):
+      if not narrower[i]:
         out.append(update)
         continue
       target = param.astype(jnp.float32) + update.astype(jnp.float32)
