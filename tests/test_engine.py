@@ -1,5 +1,7 @@
 """The engine's building blocks, against hand-computed values."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +27,24 @@ def test_split_matrix_rows_are_exact():
   for got, want in zip(rows, np.asarray(whole)):
     assert got.dtype == jnp.float32
     np.testing.assert_array_equal(got, want)
+
+
+def test_split_matrix_in_chunks_is_exact_at_depth():
+  # 219 rows: the units of a 24-layer LLaMA; more rows than one reduction
+  # may have outputs (XLA:GPU's shared memory), and not a multiple of it.
+  n = 219
+  matrix = (jnp.arange(n * 6, dtype=jnp.int32).reshape(n, 6) * 7919
+            - 2**30)
+  split = jax.jit(_engine.split_matrix)
+  rows = split(matrix)
+  assert len(rows) == n
+  for got, want in zip(rows, np.asarray(matrix)):
+    np.testing.assert_array_equal(got, want)
+  # Each reduction of the compiled program has at most _SPLIT_CHUNK outputs.
+  outputs = [int(k) for k in re.findall(r"%\w+:(\d+) = stablehlo\.reduce",
+                                         split.lower(matrix).as_text())]
+  assert sum(outputs) == n
+  assert max(outputs) <= _engine._SPLIT_CHUNK
 
 
 def test_split_rows_mixes_ints_and_floats():
