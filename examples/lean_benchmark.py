@@ -217,7 +217,7 @@ def main():
 
   header = ["size", "params", "method", "state MB", "arguments MB",
             "temporaries MB", "total MB", "÷ floor", "÷ adamw", "step ms",
-            "÷ adamw time", "GPU peak MB"]
+            "÷ adamw time", "GPU peak MB", "compile s"]
   table = []
   for size in args.sizes:
     by = {r["method"]: r for r in rows if r["size"] == size}
@@ -235,7 +235,8 @@ def main():
                                           else "static"),
                     ratio("total", "adamw"),
                     f"{r['step_ms']:.1f}" if "step_ms" in r else "",
-                    ratio("step_ms", "adamw"), mb(r.get("peak_bytes_in_use"))])
+                    ratio("step_ms", "adamw"), mb(r.get("peak_bytes_in_use")),
+                    f"{r['compile_s']:.1f}"])
   llama_common.print_table(header, table)
   markdown = llama_common.markdown_table(header, table)
   (args.out / "memory.md").write_text("\n".join(markdown) + "\n")
