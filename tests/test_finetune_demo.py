@@ -42,7 +42,7 @@ def cache_dir(tmp_path_factory):
 def test_demo_blockllm_raises_exact_match_and_saves_memory(demo, cache_dir, tmp_path,
                                                            capsys):
   out = demo.main(TINY + [
-      "--optimizer", "blockllm", "adamw", "--tasks", "upper", "--steps", "1500",
+      "--optimizer", "blockllm", "adamw", "--no-lean", "--tasks", "upper", "--steps", "1500",
       "--lr", "1e-2", "--sparsity", "0.5", "--patience", "20", "--train-embeddings",
       "--train-examples", "4000", "--eval-examples", "64",
       "--cache-dir", str(cache_dir), "--out-dir", str(tmp_path / "out")])
@@ -73,6 +73,9 @@ def test_demo_resume_continues_bit_for_bit(demo, cache_dir, tmp_path):
   # An interrupted run: 16 of 24 steps (checkpoint at 16), then --resume.
   demo.main(TINY + methods + ["--steps", "16"] + common[2:] + ["--out-dir", str(tmp_path / "b")])
   resumed = demo.main(TINY + methods + common + ["--out-dir", str(tmp_path / "b"), "--resume"])
+  # The built-in model's default: lean steps for the block optimizers.
+  assert [r["optimizer"] for r in resumed["results"]] == [
+      "blockllm-lean", "badam-lean", "bread-lean"]
   for a, b in zip(straight["results"], resumed["results"]):
     assert a["losses"] == b["losses"], a["optimizer"]
     assert a["exact_match"] == b["exact_match"]
@@ -97,7 +100,7 @@ def test_demo_fine_tunes_a_local_checkpoint_with_user_data(demo, tmp_path):
                    str(tmp_path / "pairs.jsonl"), "--optimizer", "blockllm", "lora",
                    "--steps", "10", "--batch-size", "8", "--export", "--no-progress",
                    "--out-dir", str(tmp_path / "out")])
-  assert [r["optimizer"] for r in out["results"]] == ["blockllm", "lora"]
+  assert [r["optimizer"] for r in out["results"]] == ["blockllm-lean", "lora"]
   assert all(np.isfinite(r["final_loss"]) for r in out["results"])
   for name in ("blockllm", "lora"):
     exported, tuned = models.load_hf_checkpoint(tmp_path / "out" / f"hf_{name}")
@@ -123,7 +126,7 @@ def test_demo_runs_on_a_scanned_rematerialised_model(demo, cache_dir, tmp_path):
   out = demo.main(TINY + [
       "--optimizer", "blockllm", "badam", "bread", "lora", "--tasks", "upper",
       "--steps", "30", "--train-examples", "64", "--eval-examples", "16",
-      "--scan-layers", "--remat", "--switch-every", "5", "--patience", "5",
+      "--scan-layers", "--remat", "--no-lean", "--switch-every", "5", "--patience", "5",
       "--cache-dir", str(cache_dir), "--out-dir", str(tmp_path)])
   rows = {row["optimizer"]: row for row in out["results"]}
   assert sorted(rows) == ["badam", "blockllm", "bread", "lora"]
