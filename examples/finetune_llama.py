@@ -174,9 +174,9 @@ def parse_args(argv=None):
     if getattr(args, name, None) is None:
       setattr(args, name, value)
   if args.sparsity is None:
-    # The built-in model's 0.7M eligible parameters are 28 matrices: at
-    # sparsity 0.9 a BlockLLM step trains one or two of them, too few for
-    # the demo's 1200 steps (README, Examples); 0.75 trains four to six.
+    # The built-in model's 0.7M eligible parameters are 28 matrices (and 9
+    # norms): at sparsity 0.9 a BlockLLM step trains 72K of them, too few
+    # for the demo's 1200 steps (README, Examples); 0.75 trains 180K.
     builtin = args.gguf is None and args.model_dir is None
     args.sparsity = 0.75 if builtin else 0.9
   if args.lean and args.scan_layers and "bread" in args.optimizer:
