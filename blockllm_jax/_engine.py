@@ -153,10 +153,11 @@ def split_rows(vectors: Sequence[jax.Array]) -> list:
 
 
 # Outputs per variadic reduction in ``split_matrix``. XLA:GPU gives each
-# output of a column reduction a shared-memory tile of about 4 KiB: with all
-# 219 units of a 24-layer model in one reduction, ptxas refused BAdam's step
-# on an H200 (912 KiB of shared data, 227 KiB allowed). 32 outputs need
-# about 135 KiB.
+# output of such a reduction shared memory of its own: with all 219 units
+# of a 24-layer model in one reduction, ptxas refused BAdam's step on an
+# H200 (912 KiB of shared data, about 4.2 KiB per output; 227 KiB
+# allowed). In chunks of 32 (about 135 KiB at that rate) the same step
+# compiled and ran there.
 _SPLIT_CHUNK = 32
 
 
