@@ -143,7 +143,8 @@ def parse_args(argv=None):
                  default=None,
                  help="BlockLLM / BAdam / BREAD: lean train steps "
                       "(bl.lean_value_and_grad; BREAD needs --no-scan-layers); "
-                      "default: on for the built-in model, off for GGUF")
+                      "default: on for the built-in model and --model-dir, "
+                      "off for GGUF")
   p.add_argument("--lora-rank", type=int, default=8)
   p.add_argument("--lora-alpha", type=float, default=16.0)
   p.add_argument("--train-examples", type=int, default=None,
