@@ -181,7 +181,8 @@ def parse_args(argv=None):
     builtin = args.gguf is None and args.model_dir is None
     args.sparsity = 0.75 if builtin else 0.9
   if args.lean and args.scan_layers and "bread" in args.optimizer:
-    p.error("--lean with scanned layers: BREAD's SGD correction needs the "
+    p.error("lean steps (--lean, the default for the built-in model and "
+            "--model-dir) with scanned layers: BREAD's SGD correction needs the "
             "whole gradient of the stacked layers; pass --no-scan-layers "
             "or --no-lean.")
   if args.out_dir is None:
