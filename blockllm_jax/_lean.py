@@ -822,7 +822,8 @@ def _warn_fallback(reasons: dict):
 
 def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
                         compute_lean: bool = True,
-                        warn: bool = True) -> Callable:
+                        warn: bool = True,
+                        remat_policy: Any = "auto") -> Callable:
   """Loss and a deferred, lean gradient for a block optimizer.
 
   ``lean_value_and_grad(loss_fn)(params, opt_state, *args)`` evaluates
@@ -873,6 +874,23 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
     has_aux: as in ``jax.value_and_grad``.
     compute_lean: intercept ``flax.linen.Dense`` (tier C).
     warn: warn about layers that fall back from compute-lean.
+    remat_policy: which forward values the backward pass keeps, as a
+      ``jax.checkpoint`` policy applied to the whole forward pass; the others
+      are recomputed during the backward pass (values are unchanged).
+      ``None`` keeps what ``jax.vjp`` keeps. It matters for BlockLLM, whose
+      lean step runs its one or two backward passes in a ``lax.while_loop``:
+      every value the backward pass needs is then held for the whole loop, in
+      the form ``jax.vjp`` saved it, where a straight-line program would
+      fuse it into its consumer (e.g. each layer's float32 softmax output).
+      On an H200 (``gpu-350m``, bf16 activations, batch 4 x 512) the lean
+      BlockLLM step's peak was 8.7 GB with ``None``, 4.4 GB with
+      ``jax.checkpoint_policies.dots_saveable`` and 3.5 GB with
+      ``dots_with_no_batch_dims_saveable`` (plain step 6.8 GB, AdamW 9.4 GB),
+      at 22.0, 26.4 and 26.7 ms per step (plain 23.6 ms). XLA:CPU hoists the
+      forward out of the loop, so there a policy costs compile time (and, for
+      scanned layers, step time) and saves nothing. ``"auto"`` (default):
+      ``None`` on CPU, ``dots_with_no_batch_dims_saveable`` on other
+      backends.
 
   Returns:
     ``fn(params, opt_state, *args, **kwargs) -> (loss, grads)`` (``((loss,
@@ -923,7 +941,7 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
       loss, aux = out if has_aux else (out, None)
       return loss, (aux, model_state)
 
-    inner = _functional(with_state, True, compute_lean, warn)
+    inner = _functional(with_state, True, compute_lean, warn, remat_policy)
 
     def call(params, opt_state, *inner_args, **inner_kwargs):
       (loss, (aux, model_state)), grads = inner(params, opt_state, *inner_args,
@@ -931,7 +949,13 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
       return (((loss, aux) if has_aux else loss), model_state), grads
     return call
 
-  functional = _functional(loss_fn, has_aux, compute_lean, warn)
+  if not (remat_policy is None or remat_policy == "auto" or
+          callable(remat_policy)):
+    raise ValueError(
+        "lean_value_and_grad: remat_policy must be 'auto', None or a "
+        "jax.checkpoint policy (e.g. jax.checkpoint_policies.dots_saveable); "
+        f"got {remat_policy!r}.")
+  functional = _functional(loss_fn, has_aux, compute_lean, warn, remat_policy)
 
   def value_and_lean_grad(params, opt_state, *args, **kwargs):
     if _nnx.is_module(params):
@@ -948,7 +972,7 @@ def lean_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
 
 
 def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
-                warn: bool) -> Callable:
+                warn: bool, remat_policy: Any) -> Callable:
   """:func:`lean_value_and_grad` on a parameter pytree and optax state."""
 
   def value_and_lean_grad(params, opt_state, *args, **kwargs):
@@ -1074,7 +1098,13 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
                         jnp.zeros([layers], jnp.float32)
                         for layers in sinks.layers)
       slot_params = tuple(flat[p] for p in slot_leaves)
-      (loss, _, _), vjp_fn, aux = jax.vjp(forward, packed_sink, norm_sink,
+      policy = _resolve_remat_policy(remat_policy)
+      # `prevent_cse=False`: a straight-line step (BAdam, BREAD) lets XLA
+      # merge the recomputation with the forward pass; only a backward pass
+      # inside a loop recomputes.
+      rematted = forward if policy is None else jax.checkpoint(
+          forward, policy=policy, prevent_cse=False)
+      (loss, _, _), vjp_fn, aux = jax.vjp(rematted, packed_sink, norm_sink,
                                        slot_params, has_aux=True)
       grads = LeanGradients(
           vjp_fn, loss, tuple(slot_of_leaf), sinks, params_like,
@@ -1086,6 +1116,18 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
     return ((loss, aux) if has_aux else loss), grads
 
   return value_and_lean_grad
+
+
+def _resolve_remat_policy(remat_policy: Any,
+                          backend: Optional[str] = None) -> Optional[Callable]:
+  """``lean_value_and_grad``'s ``remat_policy`` for ``backend`` (default:
+  the one being traced for). ``"auto"``: none on CPU, whose compiler hoists
+  the forward out of BlockLLM's backward loop anyway."""
+  if not isinstance(remat_policy, str):
+    return remat_policy
+  if (backend or jax.default_backend()) == "cpu":
+    return None
+  return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
 def _path_changed(missing_paths, stacked: bool) -> RuntimeError:

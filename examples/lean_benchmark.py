@@ -15,6 +15,9 @@ the step (median after warm-up, same process, ratio to AdamW). Methods:
 - ``blockllm-compute-lean``: ``lean_value_and_grad(...)`` (B and C).
 - ``badam`` / ``badam-compute-lean``: BAdam, plain and lean.
 
+``--remat-policy`` is passed to ``lean_value_and_grad`` (``auto``: none on
+CPU, ``no-batch-dots`` elsewhere).
+
 With a GPU, ``--peak`` also runs every method in a fresh process and reports
 ``peak_bytes_in_use`` (the peak cannot be reset within a process).
 
@@ -22,6 +25,8 @@ Usage::
 
   python examples/lean_benchmark.py                      # CPU sizes
   python examples/lean_benchmark.py --sizes gpu-350m --dtype bfloat16 --peak
+  python examples/lean_benchmark.py --sizes gpu-350m --dtype bfloat16 --peak \
+      --methods blockllm blockllm-compute-lean --remat-policy none
   python examples/lean_benchmark.py --scan-layers --remat \
       --methods adamw blockllm blockllm-compute-lean badam badam-compute-lean
 
@@ -83,7 +88,15 @@ def block_mask(params):
       lambda path, _: bl._layout.path_to_str(path) in chosen, params)
 
 
-def build(method: str, model, params):
+# `--remat-policy` names: `lean_value_and_grad`'s `remat_policy`.
+REMAT_POLICIES = {
+    "auto": "auto", "none": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "no-batch-dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def build(method: str, model, params, remat_policy: str = "auto"):
   """(optimizer, train step) of one method."""
   def loss_fn(params, tokens):
     return causal_lm_loss(model.apply({"params": params}, tokens), tokens)
@@ -116,7 +129,8 @@ def build(method: str, model, params):
   if not variant:
     return with_grads(tx, plain)
   return with_grads(tx, bl.lean_value_and_grad(
-      loss_fn, compute_lean=variant == "compute-lean"))
+      loss_fn, compute_lean=variant == "compute-lean",
+      remat_policy=REMAT_POLICIES[remat_policy]))
 
 
 def measure(method, size, args, *, timed=True):
@@ -128,7 +142,7 @@ def measure(method, size, args, *, timed=True):
   model = LlamaForCausalLM(settings, dtype=dtype)
   tokens = jnp.zeros((args.batch, args.seq), jnp.int32)
   params = model.init(jax.random.PRNGKey(0), tokens)["params"]
-  tx, step = build(method, model, params)
+  tx, step = build(method, model, params, args.remat_policy)
   opt_state = tx.init(params)
   start = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
@@ -193,6 +207,9 @@ def main():
                            "with layer_axis=0; no static freeze)")
   parser.add_argument("--remat", action="store_true",
                       help="rematerialise each decoder layer")
+  parser.add_argument("--remat-policy", choices=list(REMAT_POLICIES),
+                      default="auto",
+                      help="lean_value_and_grad's remat_policy (lean rows)")
   parser.add_argument("--single", choices=METHODS, help=argparse.SUPPRESS)
   parser.add_argument("--out", type=Path, default=Path("runs/lean_benchmark"))
   args = parser.parse_args()

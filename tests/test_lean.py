@@ -9,6 +9,7 @@ import pytest
 
 import blockllm_jax as bl
 from blockllm_jax import _layout
+from blockllm_jax import _lean
 from blockllm_jax.models import LlamaForCausalLM
 from blockllm_jax.models import LlamaSettings
 from blockllm_jax.models import add_lora
@@ -43,8 +44,9 @@ def plain_step(tx, loss_fn):
   return step
 
 
-def lean_step(tx, loss_fn, compute_lean=True):
-  grad_fn = bl.lean_value_and_grad(loss_fn, compute_lean=compute_lean)
+def lean_step(tx, loss_fn, compute_lean=True, remat_policy="auto"):
+  grad_fn = bl.lean_value_and_grad(loss_fn, compute_lean=compute_lean,
+                                   remat_policy=remat_policy)
 
   def step(params, state, tokens):
     loss, grads = grad_fn(params, state, tokens)
@@ -82,16 +84,23 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("compute_lean", [False, True])
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_lean_path_matches_plain_path(name, compute_lean):
+NO_BATCH_DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+
+@pytest.mark.parametrize("name, compute_lean, remat_policy", [
+    *[(name, compute_lean, "auto") for name in sorted(OPTIMIZERS)
+      for compute_lean in (False, True)],
+    # The backward loop recomputing the forward from the saved products.
+    ("blockllm", True, NO_BATCH_DOTS),
+])
+def test_lean_path_matches_plain_path(name, compute_lean, remat_policy):
   tx = OPTIMIZERS[name]()
   loss_fn = loss_of(MODEL)
   params = llama_params()
   want_params, want_state, want_losses = run(plain_step(tx, loss_fn), tx,
                                              params, 10)
   got_params, got_state, got_losses = run(
-      lean_step(tx, loss_fn, compute_lean), tx, params, 10)
+      lean_step(tx, loss_fn, compute_lean, remat_policy), tx, params, 10)
   assert int(bl.reselection_count(got_state)) >= 3  # several (re)selections
   assert int(bl.reselection_count(got_state)) == int(
       bl.reselection_count(want_state))
@@ -487,3 +496,50 @@ def test_backward_rules_of_equal_layers_are_traced_once():
   signatures = {tuple(str(v.aval) for v in c.jaxpr.invars) for c in calls}
   # q/o, k/v, gate/up and down: one traced rule per signature.
   assert len({id(c) for c in calls}) == len(signatures) == 4
+
+
+def _while_operands(jaxpr, found):
+  """The avals of the operands of every ``while`` in ``jaxpr`` (nested)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "while":
+      found.extend(v.aval for v in eqn.invars)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else [value]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          _while_operands(inner, found)
+  return found
+
+
+@pytest.mark.parametrize("remat_policy, keeps_attention", [
+    (None, True), ("auto", True), (NO_BATCH_DOTS, False)])
+def test_remat_policy_sets_what_the_backward_loop_holds(remat_policy,
+                                                        keeps_attention):
+  # BlockLLM's lean step runs its backward passes in a `lax.while_loop`,
+  # which holds every value the backward pass needs in the form `jax.vjp`
+  # saved it: with no policy, each layer's softmax output
+  # [batch, heads, seq, seq]. (On a GPU that cost 1.9 GB at gpu-350m; the
+  # CPU compiler hoists it, so "auto" is no policy here.)
+  params = llama_params()
+  tx = bl.blockllm(1e-3, sparsity=0.5)
+  tokens = batch_at(0)
+  jaxpr = jax.make_jaxpr(lean_step(tx, loss_of(MODEL),
+                                   remat_policy=remat_policy))(
+      params, tx.init(params), tokens).jaxpr
+  operands = _while_operands(jaxpr, [])
+  assert operands
+  batch, seq = tokens.shape
+  attention = (batch, TINY_LLAMA.num_attention_heads, seq, seq)
+  held = [a for a in operands if getattr(a, "shape", None) == attention]
+  assert bool(held) == keeps_attention, held
+
+
+def test_remat_policy_auto_and_bad_values():
+  resolve = _lean._resolve_remat_policy
+  assert resolve("auto", "cpu") is None
+  assert resolve("auto", "gpu") is NO_BATCH_DOTS
+  assert resolve("auto", "tpu") is NO_BATCH_DOTS
+  assert resolve(None, "gpu") is None
+  assert resolve(NO_BATCH_DOTS, "cpu") is NO_BATCH_DOTS
+  with pytest.raises(ValueError, match="remat_policy must be 'auto', None"):
+    bl.lean_value_and_grad(loss_of(MODEL), remat_policy="dots")
