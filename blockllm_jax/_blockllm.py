@@ -346,16 +346,15 @@ def scale_by_blockllm(
     else:
       # Tier A: the full gradient; any non-finite entry skips the step.
       grads = layout.group_leaves(updates)
-      # The scores' norms come out of the finiteness check's reduction, on
-      # every step (they are used only on steps that reselect).
-      finite_units, local_norm_sq = _engine.finite_units_and_norms(
-          layout, updates)
       finite = _sharding.all_true(
-          jnp.isfinite(loss) & jnp.all(finite_units), reduce)
+          jnp.isfinite(loss) & jnp.all(_engine.finite_units(layout, updates)),
+          reduce)
       do_select = finite & trigger_of(state, loss)
 
       def reselect_from_grads(selection):
-        norm_sq = _sharding.leaf_sums(local_norm_sq, reduce)
+        # The scores' norms only on steps that reselect.
+        norm_sq = _sharding.leaf_sums(
+            _engine.unit_norms_squared(layout, updates), reduce)
         return reselect(selection, choose(
             selection.visit_count, jnp.sqrt(norm_sq), sizes, select_sizes,
             select_capacity), sizes)

@@ -413,26 +413,9 @@ def finite_units(layout: _layout.LeafLayout, tree) -> jax.Array:
   return jnp.isfinite(layout.unit_reduce(tree, _max_abs))
 
 
-def finite_units_and_norms(layout: _layout.LeafLayout, tree):
-  """``(bool[U], float32[U])``: each unit's part of ``tree`` is finite (as
-  :func:`finite_units`) and its squared norm, from one variadic reduction
-  per unit (``max |x|`` beside ``sum(x**2)``).
-
-  One reduction instead of two per unit keeps the plain BlockLLM step's
-  program smaller (its per-unit reductions are a large part of what it
-  compiles beyond AdamW's), and ``max |x|`` keeps finiteness exact where a
-  squared norm alone would also flag finite gradients whose sum overflows.
-  """
-  def both(x, axes):
-    x = x.astype(jnp.float32)
-    axes = tuple(range(x.ndim)) if axes is None else axes
-    zero = jnp.zeros([], jnp.float32)
-    return lax.reduce(
-        (jnp.abs(x), x * x), (zero, zero),
-        lambda a, b: (jnp.maximum(a[0], b[0]), a[1] + b[1]), axes)
-
-  max_abs, norm_sq = layout.unit_reduce(tree, both)
-  return jnp.isfinite(max_abs), norm_sq
+def unit_norms_squared(layout: _layout.LeafLayout, tree) -> jax.Array:
+  """float32[U]: each unit's squared norm (one reduction per stacked leaf)."""
+  return layout.unit_reduce(tree, squared_norm)
 
 
 def squared_norm(x: jax.Array, axes=None, *,

@@ -147,29 +147,25 @@ class LeafLayout(NamedTuple):
     flat = self.treedef.flatten_up_to(tree)
     return [flat[group.position] for group in self.groups()]
 
-  def unit_reduce(self, tree, reduce):
+  def unit_reduce(self, tree, reduce) -> jax.Array:
     """``[U]``: ``reduce(x, axes)`` of each unit's part of ``tree``.
 
-    ``reduce`` reduces ``x`` over ``axes`` (None: all), to one float32
-    array or a tuple of them (a variadic reduction: then a tuple of
-    ``[U]`` arrays is returned). A stacked leaf is reduced once over every
-    axis but its layer axis, so the program does not grow with the number
-    of layers.
+    ``reduce`` reduces ``x`` over ``axes`` (None: all). A stacked leaf is
+    reduced once over every axis but its layer axis, so the program does
+    not grow with the number of layers.
     """
     parts = []
     for group, leaf in zip(self.groups(), self.group_leaves(tree)):
       if group.axis is None:
-        parts.append(jax.tree.map(lambda r: jnp.reshape(r, [1]),
-                                  reduce(leaf, None)))
+        parts.append(jnp.reshape(reduce(leaf, None), [1]))
       else:
         axes = tuple(i for i in range(leaf.ndim) if i != group.axis)
         per_layer = reduce(leaf, axes)
-        parts.append(per_layer if self.whole_stack(group) else jax.tree.map(
-            lambda r: r[np.asarray(group.layers)], per_layer))
+        parts.append(per_layer if self.whole_stack(group)
+                     else per_layer[np.asarray(group.layers)])
     if not parts:
-      shape = jax.eval_shape(reduce, jnp.zeros([1], jnp.float32), None)
-      return jax.tree.map(lambda _: jnp.zeros([0], jnp.float32), shape)
-    return jax.tree.map(lambda *rs: jnp.concatenate(rs), *parts)
+      return jnp.zeros([0], jnp.float32)
+    return jnp.concatenate(parts)
 
   def updates_tree(self, tree, group_updates):
     """``tree``'s structure with one update per :meth:`groups` entry (a
