@@ -535,11 +535,16 @@ def test_remat_policy_sets_what_the_backward_loop_holds(remat_policy,
 
 
 def test_remat_policy_auto_and_bad_values():
-  resolve = _lean._resolve_remat_policy
+  resolve = lambda policy, backend, transformed=False: (
+      _lean._resolve_remat_policy(policy, transformed=transformed,
+                                  backend=backend))
   assert resolve("auto", "cpu") is None
   assert resolve("auto", "gpu") is NO_BATCH_DOTS
   assert resolve("auto", "tpu") is NO_BATCH_DOTS
+  # Layers under nn.remat / nn.scan keep their own checkpoints' choice.
+  assert resolve("auto", "gpu", transformed=True) is None
   assert resolve(None, "gpu") is None
   assert resolve(NO_BATCH_DOTS, "cpu") is NO_BATCH_DOTS
+  assert resolve(NO_BATCH_DOTS, "gpu", transformed=True) is NO_BATCH_DOTS
   with pytest.raises(ValueError, match="remat_policy must be 'auto', None"):
     bl.lean_value_and_grad(loss_of(MODEL), remat_policy="dots")
