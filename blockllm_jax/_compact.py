@@ -53,15 +53,22 @@ def greedy_fill(scores: jax.Array, sizes: jax.Array,
     bool[L], the selected leaves.
   """
   order = jnp.argsort(-scores, stable=True)
+  leaves = jnp.arange(scores.shape[0], dtype=order.dtype)
 
-  def take_if_fits(used, leaf):
+  def take_if_fits(rank, carry):
+    used, taken = carry
+    leaf = order[rank]
     size = sizes[leaf]
     # Written as ``size <= capacity - used`` so the sum never overflows int32.
     fits = size <= capacity - used
-    return used + jnp.where(fits, size, 0), fits
+    # A mask, not a scatter of the decisions by `order` afterwards: a
+    # smaller program to compile, the same result.
+    return used + jnp.where(fits, size, 0), taken | ((leaves == leaf) & fits)
 
-  _, taken = lax.scan(take_if_fits, jnp.zeros((), jnp.int32), order)
-  return jnp.zeros(scores.shape, bool).at[order].set(taken)
+  _, taken = lax.fori_loop(0, scores.shape[0], take_if_fits,
+                           (jnp.zeros((), jnp.int32),
+                            jnp.zeros(scores.shape, bool)))
+  return taken
 
 
 def packed_offsets(selected: jax.Array, sizes: jax.Array) -> jax.Array:
@@ -88,11 +95,13 @@ def repack(buffers, sizes: Sequence[int], old_offset: jax.Array,
   towards the end in descending order. No value is overwritten before it
   has been moved, and no second buffer of ``capacity`` entries is needed.
 
-  Each pass is one ``lax.fori_loop`` over fixed-size chunks of the buffer:
-  every position of a chunk finds its leaf in the new layout (a binary
-  search of the offsets), gathers its value from the old window, and the
-  chunk is written back in place. The program is the same for any number
-  of leaves (its compile time does not grow with the model's depth).
+  Both passes are one ``lax.fori_loop`` over fixed-size chunks of the
+  buffer (ascending, then descending; the pass is data, so the loop body
+  is compiled once): every position of a chunk finds its leaf in the new
+  layout (a binary search of the offsets), gathers its value from the old
+  window, and the chunk is written back in place. The program is the same
+  for any number of leaves (its compile time does not grow with the
+  model's depth).
 
   Args:
     buffers: a flat buffer, or a tuple of flat buffers of one layout
@@ -121,37 +130,33 @@ def repack(buffers, sizes: Sequence[int], old_offset: jax.Array,
   old_offset = old_offset.astype(jnp.int32)
   new_offset = new_offset.astype(jnp.int32)
   new_end = new_offset + jnp.where(kept | fresh, sizes, 0)
+  shift = new_offset - old_offset
 
-  def one_pass(direction: int):
-    moving = kept & (direction * (new_offset - old_offset) > 0)
+  def body(k, bufs):
+    # Chunks 0 .. n-1 ascending (leaves moving towards the start), then
+    # n-1 .. 0 (leaves moving towards the end).
+    second = k >= num_chunks
+    k = jnp.where(second, 2 * num_chunks - 1 - k, k)
+    position = k * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    # The last leaf starting at or before the position; unselected leaves
+    # have empty windows, so `inside` rules them out.
+    leaf = jnp.clip(
+        jnp.searchsorted(new_offset, position, side="right") - 1, 0,
+        num_leaves - 1)
+    inside = position < new_end[leaf]
+    moving = kept[leaf] & jnp.where(second, shift[leaf] > 0, shift[leaf] < 0)
+    source = jnp.where(inside & moving, position - shift[leaf], position)
+    # Fresh leaves are zeroed in the second pass: by then every kept leaf
+    # before them has left their new window, and every kept leaf after
+    # them is already in its own.
+    clear = inside & fresh[leaf] & second
+    # Positions past the end (last chunk) are read clamped and dropped.
+    return tuple(
+        b.at[position].set(
+            jnp.where(clear, 0, b.at[source].get(mode="clip")), mode="drop")
+        for b in bufs)
 
-    def body(k, bufs):
-      if direction > 0:
-        k = num_chunks - 1 - k
-      position = k * chunk + jnp.arange(chunk, dtype=jnp.int32)
-      # The last leaf starting at or before the position; unselected
-      # leaves have empty windows, so `inside` rules them out.
-      leaf = jnp.clip(
-          jnp.searchsorted(new_offset, position, side="right") - 1, 0,
-          num_leaves - 1)
-      inside = position < new_end[leaf]
-      source = jnp.where(inside & moving[leaf],
-                         position - new_offset[leaf] + old_offset[leaf],
-                         position)
-      # Fresh leaves are zeroed in the second pass: by then every kept
-      # leaf before them has left their new window, and every kept leaf
-      # after them is already in its own.
-      clear = (inside & fresh[leaf]) if direction > 0 else False
-      # Positions past the end (last chunk) are read clamped and dropped.
-      return tuple(
-          b.at[position].set(
-              jnp.where(clear, 0, b.at[source].get(mode="clip")),
-              mode="drop") for b in bufs)
-
-    return body
-
-  buffers = lax.fori_loop(0, num_chunks, one_pass(-1), buffers)
-  buffers = lax.fori_loop(0, num_chunks, one_pass(+1), buffers)
+  buffers = lax.fori_loop(0, 2 * num_chunks, body, buffers)
   return buffers[0] if single else buffers
 
 
