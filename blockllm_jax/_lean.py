@@ -235,14 +235,17 @@ def _add_window(rule: _LeafRule, packed, grad, need, offset):
 
 
 def _reduce_into(rule: _LeafRule, chain, grad, need_packed, need_norm,
-                 offset):
+                 offset, *, asked: bool = False):
   """A leaf gradient reduced into the chain: ``(chain, norm_ct value)``.
 
   Packed passes add the gradient's window to the packed gradient. Fused
   passes fold it into the moments' windows, which stay as they were if
   the gradient is not finite (or its squared norm overflows float32), and
   report the squared norm of every packed leaf (its finiteness is the
-  caller's) as well as of those asked for.
+  caller's) as well as of those asked for. ``asked``: the caller runs this
+  only when the leaf's window or norm is asked for (a Dense's conditional
+  weight gradient), so the fused pass's norm needs no mask (one scalar
+  kernel less per layer to compile).
   """
   if rule.fused is None:
     square = (_engine.squared_norm(grad) if rule.want_norms
@@ -259,6 +262,8 @@ def _reduce_into(rule: _LeafRule, chain, grad, need_packed, need_norm,
         mu, nu, grad, offset, need_packed & jnp.isfinite(square),
         rule.fused, salt.astype(jnp.int32))
     chain = (mu, nu, salt)
+  if asked:
+    return chain, square
   return chain, jnp.where(need_norm | need_packed, square, 0.0)
 
 
@@ -299,7 +304,7 @@ def _dense_reduce(rule: _LeafRule, kernel_dtype, param_dtype, precision,
     need_packed, need_norm, offset = _decode_control(control)
     grad = _dense_weight_grad(rule, precision, inputs, out_grad, kernel_dtype)
     return _reduce_into(rule, chain, grad.astype(param_dtype), need_packed,
-                        need_norm, offset)
+                        need_norm, offset, asked=True)
 
   def skip(chain, control):
     del control
