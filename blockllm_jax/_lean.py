@@ -244,8 +244,9 @@ def _reduce_into(rule: _LeafRule, chain, grad, need_packed, need_norm,
   report the squared norm of every packed leaf (its finiteness is the
   caller's) as well as of those asked for. ``asked``: the caller runs this
   only when the leaf's window or norm is asked for (a Dense's conditional
-  weight gradient), so the fused pass's norm needs no mask (one scalar
-  kernel less per layer to compile).
+  weight gradient), so the fused pass's norm needs no mask (a smaller
+  program: 51754 -> 50294 HLO lines in a 16-layer step; the kernel count
+  is unchanged, XLA keeps the norm's scaling as a kernel of its own).
   """
   if rule.fused is None:
     square = (_engine.squared_norm(grad) if rule.want_norms
