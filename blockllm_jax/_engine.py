@@ -419,7 +419,8 @@ def unit_norms_squared(layout: _layout.LeafLayout, tree) -> jax.Array:
 
 
 def squared_norm(x: jax.Array, axes=None, *,
-                 beside_moments: bool = False) -> jax.Array:
+                 beside_moments: bool = False,
+                 quarter: bool = False) -> jax.Array:
   """float32 ``sum(x**2)`` over ``axes`` (None: all); not finite if any
   entry is not (or the sum overflows).
 
@@ -431,11 +432,14 @@ def squared_norm(x: jax.Array, axes=None, *,
       (exact in binary floating point), since XLA would share a plain
       ``x * x`` with the moment's ``g * g`` and materialise it as an
       array, and a kernel, of its own per leaf.
+    quarter: with ``beside_moments``, return ``sum((x / 2)**2)``, a quarter
+      of the squared norm, for the caller to scale.
   """
   x = x.astype(jnp.float32)
   if beside_moments:
     half = x * 0.5
-    return 4 * jnp.sum(half * half, axis=axes)
+    quarter_sum = jnp.sum(half * half, axis=axes)
+    return quarter_sum if quarter else 4 * quarter_sum
   return jnp.sum(x * x, axis=axes)
 
 

@@ -241,12 +241,13 @@ def _reduce_into(rule: _LeafRule, chain, grad, need_packed, need_norm,
   Packed passes add the gradient's window to the packed gradient. Fused
   passes fold it into the moments' windows, which stay as they were if
   the gradient is not finite (or its squared norm overflows float32), and
-  report the squared norm of every packed leaf (its finiteness is the
-  caller's) as well as of those asked for. ``asked``: the caller runs this
-  only when the leaf's window or norm is asked for (a Dense's conditional
-  weight gradient), so the fused pass's norm needs no mask (a smaller
-  program: 51754 -> 50294 HLO lines in a 16-layer step; the kernel count
-  is unchanged, XLA keeps the norm's scaling as a kernel of its own).
+  report a quarter of the squared norm (``sum((g / 2)**2)``, see
+  ``_engine.squared_norm``; :meth:`LeanGradients.backward` scales all of
+  them at once: scaled here, XLA gave each leaf's scaling a kernel of its
+  own) of every packed leaf (its finiteness is the caller's) as well as of
+  those asked for. ``asked``: the caller runs this only when the leaf's
+  window or norm is asked for (a Dense's conditional weight gradient), so
+  the fused pass's norm needs no mask.
   """
   if rule.fused is None:
     square = (_engine.squared_norm(grad) if rule.want_norms
@@ -256,7 +257,8 @@ def _reduce_into(rule: _LeafRule, chain, grad, need_packed, need_norm,
       chain = (packed,) + tuple(chain[1:])
     return chain, jnp.where(need_norm, square, 0.0)
   # One reduction for both the finiteness of a packed leaf and a norm.
-  square = _engine.squared_norm(grad, beside_moments=True)
+  quarter = _engine.squared_norm(grad, beside_moments=True, quarter=True)
+  square = 4 * quarter
   if rule.packs:
     mu, nu, salt = chain
     mu, nu = _engine.update_window_moments(
@@ -264,8 +266,8 @@ def _reduce_into(rule: _LeafRule, chain, grad, need_packed, need_norm,
         rule.fused, salt.astype(jnp.int32))
     chain = (mu, nu, salt)
   if asked:
-    return chain, square
-  return chain, jnp.where(need_norm | need_packed, square, 0.0)
+    return chain, quarter
+  return chain, jnp.where(need_norm | need_packed, quarter, 0.0)
 
 
 def _reduce_gradient(rule: _LeafRule, grad, control):
@@ -753,7 +755,8 @@ class LeanGradients:
     return LeanResult(
         packed=packed_ct if packed is not None and not fused else None,
         moments=(chain[0], chain[1]) if fused else None,
-        norm_sq=(rows.unit_norms(slots, norm_ct)
+        # Fused passes reduce to quarters of the squared norms.
+        norm_sq=((4 if fused else 1) * rows.unit_norms(slots, norm_ct)
                  if norms is not None else None),
         dense=[param_cts[slot] if d else None
                for slot, d in zip(slots, dense)])
