@@ -418,29 +418,25 @@ def unit_norms_squared(layout: _layout.LeafLayout, tree) -> jax.Array:
   return layout.unit_reduce(tree, squared_norm)
 
 
-def squared_norm(x: jax.Array, axes=None, *,
-                 beside_moments: bool = False,
-                 quarter: bool = False) -> jax.Array:
+def squared_norm(x: jax.Array, axes=None) -> jax.Array:
   """float32 ``sum(x**2)`` over ``axes`` (None: all); not finite if any
-  entry is not (or the sum overflows).
-
-  Args:
-    x: the array.
-    axes: the axes reduced (None: all).
-    beside_moments: ``x`` is a gradient whose second moment the same
-      program computes: the sum is then taken as ``4 * sum((x / 2)**2)``
-      (exact in binary floating point), since XLA would share a plain
-      ``x * x`` with the moment's ``g * g`` and materialise it as an
-      array, and a kernel, of its own per leaf.
-    quarter: with ``beside_moments``, return ``sum((x / 2)**2)``, a quarter
-      of the squared norm, for the caller to scale.
-  """
+  entry is not (or the sum overflows)."""
   x = x.astype(jnp.float32)
-  if beside_moments:
-    half = x * 0.5
-    quarter_sum = jnp.sum(half * half, axis=axes)
-    return quarter_sum if quarter else 4 * quarter_sum
   return jnp.sum(x * x, axis=axes)
+
+
+def quarter_squared_norm(x: jax.Array) -> jax.Array:
+  """float32 ``sum((x / 2)**2)``: a quarter of ``x``'s squared norm (exact
+  in binary floating point), not finite if any entry is not.
+
+  For a gradient whose second moment the same program computes: XLA
+  would share a plain ``x * x`` with the moment's ``g * g`` and
+  materialise it as an array, and a kernel, of its own per leaf. The
+  caller scales by 4 where it is cheapest (scaled per leaf, XLA gives
+  each scaling a scalar kernel of its own).
+  """
+  half = x.astype(jnp.float32) * 0.5
+  return jnp.sum(half * half)
 
 
 def update_moments(mu: jax.Array, nu: jax.Array, packed: jax.Array,

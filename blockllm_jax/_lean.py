@@ -241,10 +241,9 @@ def _reduce_into(rule: _LeafRule, chain, grad, need_packed, need_norm,
   Packed passes add the gradient's window to the packed gradient. Fused
   passes fold it into the moments' windows, which stay as they were if
   the gradient is not finite (or its squared norm overflows float32), and
-  report a quarter of the squared norm (``sum((g / 2)**2)``, see
-  ``_engine.squared_norm``; :meth:`LeanGradients.backward` scales all of
-  them at once: scaled here, XLA gave each leaf's scaling a kernel of its
-  own) of every packed leaf (its finiteness is the caller's) as well as of
+  report a quarter of the squared norm (``_engine.quarter_squared_norm``;
+  :meth:`LeanGradients.backward` scales all of them at once) of every
+  packed leaf (its finiteness is the caller's) as well as of
   those asked for. ``asked``: the caller runs this only when the leaf's
   window or norm is asked for (a Dense's conditional weight gradient), so
   the fused pass's norm needs no mask.
@@ -257,7 +256,7 @@ def _reduce_into(rule: _LeafRule, chain, grad, need_packed, need_norm,
       chain = (packed,) + tuple(chain[1:])
     return chain, jnp.where(need_norm, square, 0.0)
   # One reduction for both the finiteness of a packed leaf and a norm.
-  quarter = _engine.squared_norm(grad, beside_moments=True, quarter=True)
+  quarter = _engine.quarter_squared_norm(grad)
   square = 4 * quarter
   if rule.packs:
     mu, nu, salt = chain
