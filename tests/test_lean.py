@@ -468,17 +468,18 @@ def test_bfloat16_moments_round_with_the_same_bits_on_both_paths(name):
     np.testing.assert_allclose(b, a, rtol=2**-7, atol=1e-9)
 
 
-def _jit_calls(jaxpr, name, found):
-  """The jaxprs of every nested ``jax.jit`` call named ``name``."""
+def _equations(jaxpr):
+  """Every equation of ``jaxpr`` and of the jaxprs nested in it."""
   for eqn in jaxpr.eqns:
-    if eqn.params.get("name") == name:
-      found.append(eqn.params["jaxpr"])
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else [value]:
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          _jit_calls(inner, name, found)
-  return found
+    yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _equations(sub)
+
+
+def _jit_calls(jaxpr, name):
+  """The jaxprs of every nested ``jax.jit`` call named ``name``."""
+  return [eqn.params["jaxpr"] for eqn in _equations(jaxpr)
+          if eqn.params.get("name") == name]
 
 
 def test_backward_rules_of_equal_layers_are_traced_once():
@@ -489,26 +490,13 @@ def test_backward_rules_of_equal_layers_are_traced_once():
   tx = bl.blockllm(1e-3, sparsity=0.5)
   jaxpr = jax.make_jaxpr(lean_step(tx, loss_of(MODEL)))(
       params, tx.init(params), batch_at(0)).jaxpr
-  calls = _jit_calls(jaxpr, "_dense_reduce", [])
+  calls = _jit_calls(jaxpr, "_dense_reduce")
   layers = TINY_LLAMA.num_hidden_layers
   # Every layer's projections (the head is not eligible by default).
   assert len(calls) == 7 * layers
   signatures = {tuple(str(v.aval) for v in c.jaxpr.invars) for c in calls}
   # q/o, k/v, gate/up and down: one traced rule per signature.
   assert len({id(c) for c in calls}) == len(signatures) == 4
-
-
-def _while_operands(jaxpr, found):
-  """The avals of the operands of every ``while`` in ``jaxpr`` (nested)."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "while":
-      found.extend(v.aval for v in eqn.invars)
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else [value]:
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          _while_operands(inner, found)
-  return found
 
 
 @pytest.mark.parametrize("remat_policy, keeps_attention", [
@@ -526,7 +514,8 @@ def test_remat_policy_sets_what_the_backward_loop_holds(remat_policy,
   jaxpr = jax.make_jaxpr(lean_step(tx, loss_of(MODEL),
                                    remat_policy=remat_policy))(
       params, tx.init(params), tokens).jaxpr
-  operands = _while_operands(jaxpr, [])
+  operands = [v.aval for eqn in _equations(jaxpr)
+              if eqn.primitive.name == "while" for v in eqn.invars]
   assert operands
   batch, seq = tokens.shape
   attention = (batch, TINY_LLAMA.num_attention_heads, seq, seq)
