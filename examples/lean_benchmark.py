@@ -15,8 +15,9 @@ the step (median after warm-up, same process, ratio to AdamW). Methods:
 - ``blockllm-compute-lean``: ``lean_value_and_grad(...)`` (B and C).
 - ``badam`` / ``badam-compute-lean``: BAdam, plain and lean.
 
-``--remat-policy`` is passed to ``lean_value_and_grad`` (``auto``: none on
-CPU, ``no-batch-dots`` elsewhere).
+``--remat-policy`` is passed to ``lean_value_and_grad`` (``auto``:
+``no-batch-dots`` off CPU unless the layers are under ``--scan-layers`` /
+``--remat``, else none).
 
 With a GPU, ``--peak`` also runs every method in a fresh process and reports
 ``peak_bytes_in_use`` (the peak cannot be reset within a process).
