@@ -347,7 +347,7 @@ def scale_by_blockllm(
       # Tier A: the full gradient; any non-finite entry skips the step.
       grads = layout.group_leaves(updates)
       finite = _sharding.all_true(
-          jnp.isfinite(loss) & jnp.all(_engine.finite_units(layout, updates)),
+          jnp.isfinite(loss) & _engine.all_finite(layout, updates),
           reduce)
       do_select = finite & trigger_of(state, loss)
 
@@ -443,9 +443,8 @@ def scale_by_blockllm(
     return new_selected, _compact.packed_offsets(
         new_selected, jnp.asarray(sizes, jnp.int32))
 
-  def keep_top(i, unit, update):
+  def keep_top(unit, update):
     """The paper's within-leaf sparsity: a sort, so only for active leaves."""
-    del i
     flat = update.reshape(-1)
     return lax.cond(
         unit.active,

@@ -42,6 +42,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -122,6 +123,31 @@ def update_dtype(param_dtype) -> jnp.dtype:
   that the learning rate and the final (stochastic) rounding act on the
   exact value; in the parameter dtype otherwise."""
   return jnp.promote_types(param_dtype, jnp.float32)
+
+
+def traced_once(num_static: int) -> Callable:
+  """Decorates ``fn(*static, *arrays)``, a per-unit piece of a step, so
+  that it is traced once per distinct statics and argument shapes: a
+  ``jax.jit`` whose jaxpr every same-shaped unit (the same projection in
+  every layer) reuses, instead of tracing and lowering the same function
+  once per unit. XLA inlines the calls, so the compiled program is the
+  same. Falls back to a plain call where the statics are not hashable
+  (e.g. Adam settings traced by ``optax.inject_hyperparams``)."""
+
+  def decorate(fn: Callable) -> Callable:
+    jitted = jax.jit(fn, static_argnums=tuple(range(num_static)))
+
+    @functools.wraps(fn)
+    def call(*args):
+      try:
+        hash(args[:num_static])
+      except TypeError:
+        return fn(*args)
+      return jitted(*args)
+
+    return call
+
+  return decorate
 
 
 class Unit(NamedTuple):
@@ -321,7 +347,8 @@ def _where(flag, on_true, on_false):
   return lax.select_n(flag, on_false, on_true)
 
 
-def _unit_moments(mu, nu, grad, unit: Unit, settings: AdamSettings, salt):
+@traced_once(num_static=1)
+def _unit_moments(settings: AdamSettings, mu, nu, grad, unit: Unit, salt):
   """One unit's windows of ``mu`` / ``nu`` updated from its gradient, in
   place (an inactive unit writes back what it read)."""
   flat = grad.reshape(-1).astype(_wide(mu.dtype))
@@ -346,7 +373,7 @@ def update_window_moments(mu: jax.Array, nu: jax.Array, grad: jax.Array,
   place where ``apply``: the same arithmetic as :func:`update_unit_moments`,
   called by the lean backward pass as each gradient arrives."""
   unit = Unit(offset=offset, active=apply, scale1=None, scale2=None)
-  return _unit_moments(mu, nu, grad, unit, settings, salt)
+  return _unit_moments(settings, mu, nu, grad, unit, salt)
 
 
 def update_unit_moments(mu: jax.Array, nu: jax.Array,
@@ -375,15 +402,16 @@ def update_unit_moments(mu: jax.Array, nu: jax.Array,
   """
   for group, grad in zip(layout.groups(), grads, strict=True):
     if group.axis is None:
-      mu, nu = _unit_moments(mu, nu, grad, units.at(group.start), settings,
+      mu, nu = _unit_moments(settings, mu, nu, grad, units.at(group.start),
                              units.salt)
       continue
 
     def body(k, unit, layer, buffers, grad=grad, axis=group.axis):
       del k
       return _unit_moments(
-          *buffers, lax.dynamic_index_in_dim(grad, layer, axis, False),
-          units.at(unit), settings, units.salt)
+          settings, *buffers,
+          lax.dynamic_index_in_dim(grad, layer, axis, False), units.at(unit),
+          units.salt)
 
     mu, nu = _layer_loop(group, body, (mu, nu))
   return mu, nu
@@ -407,10 +435,43 @@ def _max_abs(x, axes=None):
   return jnp.max(jnp.abs(x), axis=axes).astype(jnp.float32)
 
 
-def finite_units(layout: _layout.LeafLayout, tree) -> jax.Array:
-  """bool[U]: each unit's part of ``tree`` is finite (as
-  :func:`finite_flags`; one reduction per stacked leaf)."""
-  return jnp.isfinite(layout.unit_reduce(tree, _max_abs))
+def all_finite(layout: _layout.LeafLayout, tree,
+               where: Optional[jax.Array] = None) -> jax.Array:
+  """bool[]: every unit's part of ``tree`` is finite (of the units where
+  ``where``, a bool[U], if given).
+
+  Same-shaped leaves (the same projection in every layer) are combined
+  elementwise, ``max(|a|, |b|, ...)`` (NaN propagates), and reduced once:
+  one kernel per distinct shape instead of a reduction per unit, whose
+  per-unit kernels and their results were an eighth of a plain BlockLLM
+  step's program. A stacked leaf counts as one leaf of its full shape
+  (its units masked along the layer axis); one that holds only some
+  eligible layers is reduced per layer.
+  """
+  classes, peaks = {}, []
+  for group, leaf in zip(layout.groups(), layout.group_leaves(tree)):
+    magnitude = jnp.abs(leaf).astype(jnp.float32)
+    if group.axis is not None and not layout.whole_stack(group):
+      axes = tuple(i for i in range(leaf.ndim) if i != group.axis)
+      per_layer = jnp.max(magnitude, axis=axes)[np.asarray(group.layers)]
+      if where is not None:
+        per_layer = jnp.where(where[group.start:group.stop], per_layer, 0)
+      peaks.append(jnp.max(per_layer))
+      continue
+    if where is not None:
+      if group.axis is None:
+        flag = where[group.start]
+      else:
+        shape = [1] * leaf.ndim
+        shape[group.axis] = group.stop - group.start
+        flag = where[group.start:group.stop].reshape(shape)
+      magnitude = jnp.where(flag, magnitude, 0)
+    classes.setdefault(magnitude.shape, []).append(magnitude)
+  for magnitudes in classes.values():
+    peaks.append(jnp.max(functools.reduce(jnp.maximum, magnitudes)))
+  if not peaks:
+    return jnp.ones([], bool)
+  return jnp.all(jnp.isfinite(jnp.stack(peaks)))
 
 
 def unit_norms_squared(layout: _layout.LeafLayout, tree) -> jax.Array:
@@ -479,13 +540,14 @@ def adam_direction(mu: jax.Array, nu: jax.Array, unit: Unit,
   return mu_hat / (jnp.sqrt(nu_hat) + settings.eps)
 
 
-# finish(i, unit, update) -> update: a policy's last touch of an active
-# unit's update (e.g. BlockLLM's top-k), before inactive units are zeroed.
-Finish = Callable[[int, Unit, jax.Array], jax.Array]
+# finish(unit, update) -> update: a policy's last touch of an active unit's
+# update (e.g. BlockLLM's top-k), before inactive units are zeroed.
+Finish = Callable[[Unit, jax.Array], jax.Array]
 
 
-def _unit_update(mu, nu, unit: Unit, i, shape, size, out_dtype,
-                 settings: AdamSettings, param, finish):
+@traced_once(num_static=5)
+def _unit_update(shape, size, out_dtype, settings: AdamSettings,
+                 finish: Optional[Finish], mu, nu, unit: Unit, param):
   direction = adam_direction(_compact.read_leaf(mu, unit.offset, size),
                              _compact.read_leaf(nu, unit.offset, size), unit,
                              settings)
@@ -493,7 +555,7 @@ def _unit_update(mu, nu, unit: Unit, i, shape, size, out_dtype,
   if settings.use_weight_decay:
     update = update + settings.weight_decay * param.astype(out_dtype)
   if finish is not None:
-    update = finish(i, unit, update)
+    update = finish(unit, update)
   return _where(unit.active, update, jnp.zeros(shape, out_dtype))
 
 
@@ -533,7 +595,7 @@ def unit_updates(mu: jax.Array, nu: jax.Array, layout: _layout.LeafLayout,
     units: the step's per-unit values.
     settings: the Adam hyperparameters (weight decay is added here).
     params: one parameter per group (needed with weight decay).
-    finish: optional ``(i, unit, update) -> update`` of the policy, applied
+    finish: optional ``(unit, update) -> update`` of the policy, applied
       after weight decay and before inactive units are zeroed.
 
   Returns:
@@ -549,8 +611,8 @@ def unit_updates(mu: jax.Array, nu: jax.Array, layout: _layout.LeafLayout,
     out_dtype = update_dtype(layout.dtypes[i])
     param = params[g] if settings.use_weight_decay else None
     if group.axis is None:
-      updates.append(_unit_update(mu, nu, units.at(i), i, shape, size,
-                                  out_dtype, settings, param, finish))
+      updates.append(_unit_update(shape, size, out_dtype, settings, finish,
+                                  mu, nu, units.at(i), param))
       continue
     axis = group.axis
     stacked_shape = shape[:axis] + (layout.num_layers(group),) + shape[axis:]
@@ -564,8 +626,8 @@ def unit_updates(mu: jax.Array, nu: jax.Array, layout: _layout.LeafLayout,
       del k
       layer_param = (None if param is None else
                      lax.dynamic_index_in_dim(param, layer, axis, False))
-      update = _unit_update(mu, nu, units.at(unit), unit, shape, size,
-                            out_dtype, settings, layer_param, finish)
+      update = _unit_update(shape, size, out_dtype, settings, finish, mu, nu,
+                            units.at(unit), layer_param)
       return lax.dynamic_update_index_in_dim(stacked, update, layer, axis)
 
     updates.append(_layer_loop(group, body,

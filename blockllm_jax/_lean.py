@@ -137,7 +137,7 @@ class _Sinks:
 class _LeafRule(NamedTuple):
   """What one leaf's backward rule does, static and hashable: the rules of
   leaves with equal rules and shapes (the same projection in every layer)
-  are traced once, as one shared ``jax.jit`` (:func:`_shared`)."""
+  are traced once (:func:`blockllm_jax._engine.traced_once`)."""
 
   capacity: int  # length of the packed buffer (of each device's slice)
   packed_dtype: Any  # dtype of the packed buffer
@@ -168,30 +168,6 @@ def _leaf_rule(sinks: _Sinks, slot: int, shape) -> _LeafRule:
              mesh.local_sizes[slot] <= mesh.local_capacity),
       want_norms=request.want_norms, fused=request.fused, mesh=mesh.mesh,
       spec=mesh.specs[slot], buffer_spec=mesh.buffer_spec)
-
-
-def _shared(num_static: int) -> Callable:
-  """Decorates ``rule_fn(*static, *arrays)``, a backward rule's body, so
-  that it is traced once per distinct statics and shapes: a ``jax.jit``
-  whose jaxpr every same-shaped leaf reuses, instead of tracing (and
-  lowering) the same rule once per layer. Falls back to a plain call where
-  the statics are not hashable (e.g. Adam settings traced by
-  ``optax.inject_hyperparams``)."""
-
-  def decorate(rule_fn: Callable) -> Callable:
-    jitted = jax.jit(rule_fn, static_argnums=tuple(range(num_static)))
-
-    @functools.wraps(rule_fn)
-    def call(*args):
-      try:
-        hash(args[:num_static])
-      except TypeError:
-        return rule_fn(*args)
-      return jitted(*args)
-
-    return call
-
-  return decorate
 
 
 def _shard_like_param(rule: _LeafRule, grad):
@@ -281,14 +257,14 @@ def _reduce_gradient(rule: _LeafRule, grad, control):
   return packed_ct, norm_ct
 
 
-@_shared(num_static=1)
+@_engine.traced_once(num_static=1)
 def _tap_reduce(rule: _LeafRule, grad, control, chain):
   """A chained tap's backward rule: ``(chain, norm_ct value)``."""
   need_packed, need_norm, offset = _decode_control(control)
   return _reduce_into(rule, chain, grad, need_packed, need_norm, offset)
 
 
-@_shared(num_static=4)
+@_engine.traced_once(num_static=4)
 def _dense_reduce(rule: _LeafRule, kernel_dtype, param_dtype, precision,
                   inputs, out_grad, control, chain):
   """A taken-over Dense's weight gradient, computed only if the pass asks

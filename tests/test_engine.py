@@ -58,3 +58,57 @@ def test_split_rows_mixes_ints_and_floats():
     np.testing.assert_array_equal(scale, scales[i])
     assert int(offset) == int(offsets[i])
   assert _engine.split_rows([jnp.zeros([0], jnp.int32)]) == []
+
+
+def _finite_reference(layout, tree, where=None):
+  """NumPy: every unit's part of the tree (where asked) is finite."""
+  flat = jax.tree.leaves(tree)
+  for u, (position, layer) in enumerate(zip(layout.eligible_index,
+                                            layout.unit_layer)):
+    if where is not None and not where[u]:
+      continue
+    leaf = np.asarray(flat[position], np.float32)
+    if layer >= 0:
+      leaf = np.take(leaf, layer, axis=layout.layer_axes[position])
+    if not np.all(np.isfinite(leaf)):
+      return False
+  return True
+
+
+def test_all_finite_matches_each_unit_checked_alone():
+  from blockllm_jax import _layout
+  tree = {
+      # Three same-shaped leaves (combined in one kernel), one of another
+      # shape, a bfloat16 one, and a stack of three layers on axis 1.
+      "a": jnp.ones((4, 3)), "b": jnp.ones((4, 3)), "c": jnp.ones((4, 3)),
+      "d": jnp.ones(5), "e": jnp.ones((2, 2), jnp.bfloat16),
+      "layers": {"w": jnp.ones((2, 3, 4))},
+  }
+  layer_axis = lambda path, leaf: 1 if "layers" in path[0].key else None
+  full = _layout.build_layout(tree, lambda p, x: True, layer_axis)
+  # Units a, c and the first two of the three layers: a stack partly present.
+  partial = full.subset([0, 2, 5, 6])
+  assert [g.layers for g in partial.groups()
+          if g.axis is not None] == [(0, 1)]
+  check = jax.jit(_engine.all_finite, static_argnums=0)
+  paths = [("a", (1, 2)), ("b", (0, 0)), ("c", (3, 1)), ("d", (4,)),
+           ("e", (1, 0)), ("layers", (0, 0, 3)), ("layers", (1, 1, 0)),
+           ("layers", (0, 2, 2))]
+  rng = np.random.default_rng(0)
+  for layout in (full, partial):
+    num = len(layout.eligible_index)
+    masks = [None, np.ones(num, bool), rng.random(num) < 0.5,
+             rng.random(num) < 0.5]
+    assert check(layout, tree) and check(layout, tree, jnp.asarray(masks[2]))
+    for (key, index) in paths:
+      for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        broken = jax.tree.map(lambda x: x, tree)
+        if key == "layers":
+          broken["layers"]["w"] = tree["layers"]["w"].at[index].set(bad)
+        else:
+          broken[key] = tree[key].at[index].set(bad)
+        for where in masks:
+          got = check(layout, broken,
+                      None if where is None else jnp.asarray(where))
+          assert bool(got) == _finite_reference(layout, broken, where), (
+              key, index, bad, where)

@@ -32,9 +32,13 @@ def test_transformer_step_saves_about_the_moment_bytes(clip):
   saving = adamw.total - ours.total
   # The arguments shrink by exactly the state difference ...
   assert adamw.argument - ours.argument == moment_saving
-  # ... and the temporaries (the gradient tree, activations) stay about equal.
-  assert 0.9 * moment_saving <= saving <= 1.1 * moment_saving, (
-      saving, moment_saving, adamw, ours)
+  # ... and the temporaries (the gradient tree, activations) are about
+  # AdamW's: not more (no copy of the gradients or the moments) ...
+  assert 0.9 * moment_saving <= saving, (saving, moment_saving, adamw, ours)
+  # ... and not far less, since both hold the same gradient tree. (XLA
+  # schedules the two programs differently: without clipping ours come
+  # out 7% below AdamW's, 4.14 against 4.46 MB.)
+  assert ours.temp >= 0.9 * adamw.temp, (adamw, ours)
 
 
 def test_update_alone_needs_no_second_copy_of_the_moments():
