@@ -317,7 +317,7 @@ def _scale_by_block_adam(
     else:
       # One gradient per group of units (a stacked leaf whole).
       packed, grads = None, layout.group_leaves(updates)
-      finite &= _engine.all_finite(layout, updates, where=adam)
+      finite &= jnp.all(_engine.finite_units(layout, updates) | ~adam)
     if packed is not None:
       finite &= jnp.all(jnp.isfinite(packed))
     finite &= _corrections.gradients_finite(grads, layout, role, fix)
