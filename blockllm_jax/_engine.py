@@ -458,13 +458,12 @@ def all_finite(layout: _layout.LeafLayout, tree) -> jax.Array:
   """
   classes, peaks = {}, []
   for group, leaf in zip(layout.groups(), layout.group_leaves(tree)):
-    magnitude = jnp.abs(leaf).astype(jnp.float32)
     if group.axis is not None and not layout.whole_stack(group):
       axes = tuple(i for i in range(leaf.ndim) if i != group.axis)
-      peaks.append(jnp.max(
-          jnp.max(magnitude, axis=axes)[np.asarray(group.layers)]))
+      peaks.append(jnp.max(_max_abs(leaf, axes)[np.asarray(group.layers)]))
       continue
-    classes.setdefault(magnitude.shape, []).append(magnitude)
+    classes.setdefault(leaf.shape, []).append(
+        jnp.abs(leaf).astype(jnp.float32))
   for magnitudes in classes.values():
     peaks.append(jnp.max(functools.reduce(jnp.maximum, magnitudes)))
   if not peaks:

@@ -233,11 +233,12 @@ def _reduce_into(rule: _LeafRule, chain, grad, need_packed, need_norm,
     return chain, jnp.where(need_norm, square, 0.0)
   # One reduction for both the finiteness of a packed leaf and a norm.
   quarter = _engine.quarter_squared_norm(grad)
-  square = 4 * quarter
   if rule.packs:
     mu, nu, salt = chain
+    # The full squared norm is tested: a leaf whose squared norm
+    # overflows float32 keeps its moments (its score is not finite).
     mu, nu = _engine.update_window_moments(
-        mu, nu, grad, offset, need_packed & jnp.isfinite(square),
+        mu, nu, grad, offset, need_packed & jnp.isfinite(4 * quarter),
         rule.fused, salt.astype(jnp.int32))
     chain = (mu, nu, salt)
   if asked:
