@@ -162,6 +162,8 @@ def main():
   args = parser.parse_args()
   if args.repeat < 1:
     parser.error(f"--repeat must be >= 1; got {args.repeat}")
+  if min(args.layers) < 1:
+    parser.error(f"--layers must be >= 1; got {args.layers}")
   if "adamw" not in args.methods:
     args.methods = ["adamw", *args.methods]
   args.out.mkdir(parents=True, exist_ok=True)
@@ -188,13 +190,16 @@ def main():
                   str(r["hlo_lines"]),
                   f"{r['hlo_lines'] / ref['hlo_lines']:.2f}"])
   llama_common.print_table(header, table)
-  base = slope(rows, "adamw")
-  slopes = [[m, f"{slope(rows, m):.3f}", f"{slope(rows, m) / base:.2f}"]
-            for m in args.methods]
-  llama_common.print_table(["method", "s per layer", "÷ adamw"], slopes)
   markdown = llama_common.markdown_table(header, table) + [""]
-  markdown += llama_common.markdown_table(["method", "s per layer", "÷ adamw"],
-                                          slopes)
+  if len(set(args.layers)) > 1:
+    base = slope(rows, "adamw")
+    slopes = [[m, f"{slope(rows, m):.3f}", f"{slope(rows, m) / base:.2f}"]
+              for m in args.methods]
+    llama_common.print_table(["method", "s per layer", "÷ adamw"], slopes)
+    markdown += llama_common.markdown_table(
+        ["method", "s per layer", "÷ adamw"], slopes)
+  else:
+    print("(slopes over depth need two or more --layers)")
   (args.out / "compile.md").write_text("\n".join(markdown) + "\n")
   plot(rows, args)
   print(f"wrote {args.out}/results.json, compile.md, compile.png")
