@@ -195,9 +195,9 @@ def main():
     base = slope(rows, "adamw")
     slopes = [[m, f"{slope(rows, m):.3f}", f"{slope(rows, m) / base:.2f}"]
               for m in args.methods]
-    llama_common.print_table(["method", "s per layer", "÷ adamw"], slopes)
-    markdown += llama_common.markdown_table(
-        ["method", "s per layer", "÷ adamw"], slopes)
+    slope_header = ["method", "s per layer", "÷ adamw"]
+    llama_common.print_table(slope_header, slopes)
+    markdown += llama_common.markdown_table(slope_header, slopes)
   else:
     print("(slopes over depth need two or more --layers)")
   (args.out / "compile.md").write_text("\n".join(markdown) + "\n")
