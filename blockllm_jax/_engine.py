@@ -153,7 +153,9 @@ def traced_once(num_static: int) -> Callable:
 class Unit(NamedTuple):
   """One unit's scalars as separate arrays (see :func:`per_unit`)."""
 
-  offset: jax.Array  # int32[] start of the unit's window in the buffers.
+  # int32[] start of the unit's window in the buffers; may be -1 for an
+  # inactive unit (see :func:`per_unit`): reads and writes clamp it to 0.
+  offset: jax.Array
   active: jax.Array  # bool[] trained with Adam in this step.
   scale1: jax.Array  # float32[] 1 / (1 - b1**count), mu's bias correction.
   scale2: jax.Array  # float32[] 1 / (1 - b2**count), nu's bias correction.
@@ -165,17 +167,24 @@ def split_rows(vectors: Sequence[jax.Array]) -> list:
   """``[[v[i] for v in vectors] for i in range(n)]`` as separate buffers.
 
   The vectors (int32 or float32) become the columns of an ``[n, k]``
-  matrix split by :func:`split_matrix`.
+  matrix split by :func:`split_matrix`. A row with float columns is
+  reinterpreted as floats once, not once per float column (per unit,
+  each conversion is an instruction XLA compiles).
   """
   if int(vectors[0].shape[0]) == 0:
     return []
-  as_int = [v if v.dtype == jnp.int32 else
+  is_int = [v.dtype == jnp.int32 for v in vectors]
+  as_int = [v if integer else
             lax.bitcast_convert_type(v.astype(jnp.float32), jnp.int32)
-            for v in vectors]
-  rows = split_matrix(jnp.stack(as_int, axis=1))
-  return [[row[k] if v.dtype == jnp.int32 else
-           lax.bitcast_convert_type(row[k], jnp.float32)
-           for k, v in enumerate(vectors)] for row in rows]
+            for v, integer in zip(vectors, is_int)]
+  out = []
+  for row in split_matrix(jnp.stack(as_int, axis=1)):
+    floats = (None if all(is_int) else
+              lax.bitcast_convert_type(row, jnp.float32))
+    out.append([lax.index_in_dim(row if integer else floats, k,
+                                 keepdims=False)
+                for k, integer in enumerate(is_int)])
+  return out
 
 
 # Outputs per variadic reduction in ``split_matrix``. XLA:GPU gives each
@@ -288,15 +297,18 @@ def per_unit(offset: jax.Array, active: jax.Array, count: jax.Array,
   if not singles:
     return Units(vectors, {}, salt)
   index = np.asarray(singles)
-  ints = [v.astype(jnp.int32)[index] for v in (offset, active)]
+  # An inactive unit's offset is -1: one column fewer to split, and its
+  # flag comes back as one comparison; its reads and writes are clamped to
+  # the window at 0, which it writes back as it was.
+  ints = [jnp.where(active, vectors.offset, -1)[index]]
   optional = [v for v in (flag, restart) if v is not None]
   ints += [v.astype(jnp.int32)[index] for v in optional]
   scalars = {}
   for unit, row in zip(singles, split_rows([scale1[index], scale2[index]]
                                            + ints)):
-    extra = iter(row[4:])
+    extra = iter(row[3:])
     scalars[unit] = Unit(
-        offset=row[2], active=row[3] > 0, scale1=row[0], scale2=row[1],
+        offset=row[2], active=row[2] >= 0, scale1=row[0], scale2=row[1],
         flag=next(extra) > 0 if flag is not None else None,
         restart=next(extra) > 0 if restart is not None else None)
   return Units(vectors, scalars, salt)

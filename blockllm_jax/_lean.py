@@ -62,7 +62,10 @@ from blockllm_jax import _nnx
 # Offsets travel through a float32 cotangent as ``high * 2**12 + low``, both
 # parts exact integers in float32 (< 2**24), which covers offsets < 2**36.
 _OFFSET_SPLIT = 4096
-_CONTROL = 4  # need_packed, need_norm, offset_high, offset_low
+_CONTROL = 3  # mode, offset_high, offset_low
+# A control's mode: the sum of what the pass asks of the leaf (one value:
+# "anything asked" is then one comparison, per leaf, in the compiled step).
+_PACKED, _NORM = 2, 1
 
 
 def _encode_offset(offset):
@@ -71,13 +74,32 @@ def _encode_offset(offset):
           (offset % _OFFSET_SPLIT).astype(jnp.float32))
 
 
-def _decode_control(control):
+class _Control(NamedTuple):
+  """A leaf's control token, decoded (:func:`_decode_control`)."""
+
+  mode: jax.Array  # float32[] _PACKED (write the window) + _NORM (norm)
+  offset: jax.Array  # int32[] start of the leaf's packed window
+
+  @property
+  def need_packed(self) -> jax.Array:
+    return self.mode >= _PACKED
+
+  @property
+  def need_norm(self) -> jax.Array:
+    return (self.mode == _NORM) | (self.mode == _PACKED + _NORM)
+
+  @property
+  def asked(self) -> jax.Array:
+    return self.mode > 0
+
+
+def _decode_control(control) -> _Control:
   # lax.index_in_dim, not ``control[k]``: jnp indexing costs milliseconds
   # of tracing per call, once per leaf.
-  need_packed, need_norm, high, low = (
-      lax.index_in_dim(control, k, keepdims=False) for k in range(_CONTROL))
-  offset = high.astype(jnp.int32) * _OFFSET_SPLIT + low.astype(jnp.int32)
-  return need_packed > 0, need_norm > 0, offset
+  mode, high, low = (lax.index_in_dim(control, k, keepdims=False)
+                     for k in range(_CONTROL))
+  return _Control(mode=mode, offset=high.astype(jnp.int32) * _OFFSET_SPLIT
+                  + low.astype(jnp.int32))
 
 
 class _MeshPacking(NamedTuple):
@@ -105,7 +127,7 @@ class _Request:
   want_packed: bool = False
   want_norms: bool = False
   mesh: Optional[_MeshPacking] = None  # None: one device.
-  # Fused moments: the chain carries (mu, nu, salt) and each asked leaf's
+  # Fused moments: the chain carries (mu, nu[, salt]) and each asked leaf's
   # gradient updates its windows with Adam's rule as it arrives
   # (``_engine.AdamSettings``); None: the chain carries a packed gradient.
   fused: Any = None
@@ -132,6 +154,13 @@ class _Sinks:
     # scanned slot's control and norm have one row per layer.
     self.layers = (1,) * num_slots
     self.request = _Request()
+
+  @property
+  def salted(self) -> bool:
+    """The chain carries the seed of the moments' stochastic rounding: only
+    for moments narrower than float32 (each element of the chain is an
+    operand and a result of every Dense's conditional)."""
+    return self.chained and jnp.dtype(self.packed_dtype).itemsize < 4
 
 
 class _LeafRule(NamedTuple):
@@ -210,8 +239,8 @@ def _add_window(rule: _LeafRule, packed, grad, need, offset):
                        out_specs=rule.buffer_spec, check_vma=False)(*args)
 
 
-def _reduce_into(rule: _LeafRule, chain, grad, need_packed, need_norm,
-                 offset, *, asked: bool = False):
+def _reduce_into(rule: _LeafRule, chain, grad, control: _Control, *,
+                 asked: bool = False):
   """A leaf gradient reduced into the chain: ``(chain, norm_ct value)``.
 
   Packed passes add the gradient's window to the packed gradient. Fused
@@ -228,41 +257,43 @@ def _reduce_into(rule: _LeafRule, chain, grad, need_packed, need_norm,
     square = (_engine.squared_norm(grad) if rule.want_norms
               else jnp.zeros([], jnp.float32))
     if rule.packs:
-      packed = _add_window(rule, chain[0], grad, need_packed, offset)
+      packed = _add_window(rule, chain[0], grad, control.need_packed,
+                           control.offset)
       chain = (packed,) + tuple(chain[1:])
-    return chain, jnp.where(need_norm, square, 0.0)
+    return chain, jnp.where(control.need_norm, square, 0.0)
   # One reduction for both the finiteness of a packed leaf and a norm.
   quarter = _engine.quarter_squared_norm(grad)
   if rule.packs:
-    mu, nu, salt = chain
+    mu, nu, *salt = chain
     # The full squared norm is tested: a leaf whose squared norm
     # overflows float32 keeps its moments (its score is not finite).
     mu, nu = _engine.update_window_moments(
-        mu, nu, grad, offset, need_packed & jnp.isfinite(4 * quarter),
-        rule.fused, salt.astype(jnp.int32))
-    chain = (mu, nu, salt)
+        mu, nu, grad, control.offset,
+        control.need_packed & jnp.isfinite(4 * quarter),
+        rule.fused, salt[0].astype(jnp.int32) if salt else None)
+    chain = (mu, nu, *salt)
   if asked:
     return chain, quarter
-  return chain, jnp.where(need_norm | need_packed, quarter, 0.0)
+  return chain, jnp.where(control.asked, quarter, 0.0)
 
 
 def _reduce_gradient(rule: _LeafRule, grad, control):
   """A leaf gradient -> (packed contribution, norm contribution)."""
-  need_packed, need_norm, offset = _decode_control(control)
+  control = _decode_control(control)
   packed_ct = norm_ct = None
   if rule.packs:
     # An unasked leaf adds zeros to a window.
-    packed_ct = _add_window(rule, None, grad, need_packed, offset)
+    packed_ct = _add_window(rule, None, grad, control.need_packed,
+                            control.offset)
   if rule.want_norms:
-    norm_ct = jnp.where(need_norm, _engine.squared_norm(grad), 0.0)
+    norm_ct = jnp.where(control.need_norm, _engine.squared_norm(grad), 0.0)
   return packed_ct, norm_ct
 
 
 @_engine.traced_once(num_static=1)
 def _tap_reduce(rule: _LeafRule, grad, control, chain):
   """A chained tap's backward rule: ``(chain, norm_ct value)``."""
-  need_packed, need_norm, offset = _decode_control(control)
-  return _reduce_into(rule, chain, grad, need_packed, need_norm, offset)
+  return _reduce_into(rule, chain, grad, _decode_control(control))
 
 
 @_engine.traced_once(num_static=4)
@@ -270,20 +301,22 @@ def _dense_reduce(rule: _LeafRule, kernel_dtype, param_dtype, precision,
                   inputs, out_grad, control, chain):
   """A taken-over Dense's weight gradient, computed only if the pass asks
   for its window or norm, reduced into the chain: ``(chain, square)``."""
-  need_packed, need_norm, _ = _decode_control(control)
-  wanted = jnp.zeros([], bool)
-  if rule.packs:
-    wanted |= need_packed
-  if rule.want_norms:
-    wanted |= need_norm
+  decoded = _decode_control(control)
+  if rule.packs and rule.want_norms:
+    wanted = decoded.asked
+  elif rule.packs:
+    wanted = decoded.need_packed
+  elif rule.want_norms:
+    wanted = decoded.need_norm
+  else:
+    wanted = jnp.zeros([], bool)
 
   def reduce(chain, control):
     # Decoded again in here, where XLA fuses the decoding into its uses,
     # instead of materialising each flag as an operand of the cond.
-    need_packed, need_norm, offset = _decode_control(control)
     grad = _dense_weight_grad(rule, precision, inputs, out_grad, kernel_dtype)
-    return _reduce_into(rule, chain, grad.astype(param_dtype), need_packed,
-                        need_norm, offset, asked=True)
+    return _reduce_into(rule, chain, grad.astype(param_dtype),
+                        _decode_control(control), asked=True)
 
   def skip(chain, control):
     del control
@@ -691,22 +724,28 @@ class LeanGradients:
       if offset is None:
         raise ValueError("`packed` needs `offset`.")
       at = jnp.asarray(offset, jnp.int32)[unit] + jnp.asarray(rows.shift)
-      control[0] = jnp.where(asked, jnp.asarray(packed, jnp.float32)[unit], 0)
-      control[2], control[3] = _encode_offset(jnp.where(asked, at, 0))
+      control[0] = _PACKED * jnp.where(
+          asked, jnp.asarray(packed, jnp.float32)[unit], 0)
+      control[1], control[2] = _encode_offset(jnp.where(asked, at, 0))
     if norms is not None:
-      control[1] = jnp.where(asked, jnp.asarray(norms, jnp.float32)[unit], 0)
+      control[0] = control[0] + _NORM * jnp.where(
+          asked, jnp.asarray(norms, jnp.float32)[unit], 0)
     # The backward rules read `request` now, while this call traces them.
     self._sinks.request = request
     packed_seed = self.zeros_packed(mesh_plan)
     if self._sinks.chained:
-      if fused:
+      salt_seed = ()
+      if self._sinks.salted:
         # Salts stay exact in float32 below 2**24.
-        salt_seed = (jnp.zeros([], jnp.int32) if salt is None
-                     else jnp.asarray(salt, jnp.int32) % (1 << 24))
-        packed_seed = (moments[0], moments[1], salt_seed.astype(jnp.float32))
+        salt_seed = jnp.zeros([], jnp.float32)
+        if fused and salt is not None:
+          salt_seed = (jnp.asarray(salt, jnp.int32) % (1 << 24)).astype(
+              jnp.float32)
+        salt_seed = (salt_seed,)
+      if fused:
+        packed_seed = (moments[0], moments[1]) + salt_seed
       else:
-        packed_seed = (packed_seed, jnp.zeros_like(packed_seed),
-                       jnp.zeros([], jnp.float32))
+        packed_seed = (packed_seed, jnp.zeros_like(packed_seed)) + salt_seed
     # Each slot's control arrives as an array of its own (not a slice of
     # the matrix), so that same-shaped leaves share compiled kernels.
     # A scanned slot's rows are one [layers, 4] slice (the program does
@@ -1073,10 +1112,11 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
     def linearize():
       packed_sink = jnp.zeros([sinks.capacity], sinks.packed_dtype)
       if sinks.chained:
-        # (packed gradient or mu, nu or unused, float32 salt of the moments'
-        # stochastic rounding): one structure for both kinds of pass.
-        packed_sink = (packed_sink, jnp.zeros_like(packed_sink),
-                       jnp.zeros([], jnp.float32))
+        # (packed gradient or mu, nu or unused[, float32 salt of the
+        # moments' stochastic rounding]): one structure for both kinds of
+        # pass.
+        packed_sink = (packed_sink, jnp.zeros_like(packed_sink)) + (
+            (jnp.zeros([], jnp.float32),) if sinks.salted else ())
       # One scalar per slot: its cotangent is the slot's squared norm, with
       # no scatter into a shared vector (which would put the slot's index
       # into, and so make distinct, every slot's kernel).

@@ -41,8 +41,6 @@ from jax import lax
 
 _REMAT = "remat2"
 _SCAN = "scan"
-_CHAIN = 3  # leaves of the chain (see `_lean._Sinks`): the last outputs of
-# a chained tap or lean Dense.
 
 
 class Hooks(NamedTuple):
@@ -220,7 +218,8 @@ class _Chain:
     if self.variables is not None and any(
         v in self.variables for v in eqn.invars
         if not isinstance(v, jex_core.Literal)):
-      self.variables = list(eqn.outvars[-_CHAIN:])
+      # The chain's leaves are a chained call's last outputs.
+      self.variables = list(eqn.outvars[-len(self.variables):])
 
 
 def evaluate(jaxpr, consts, args, slot_of_var: dict, norms: dict, hooks: Hooks,
