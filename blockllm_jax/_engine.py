@@ -31,7 +31,7 @@ all fusions that are identical, e.g. the same projection in every layer.
 A unit's scalars (offset, active flag, bias corrections) read as slices of
 a vector would make each unit's kernel unique (the slice position is a
 constant inside it); :func:`per_unit` therefore splits those vectors into
-separate scalar buffers with one variadic reduction, so the per-unit
+separate scalar buffers with variadic reductions, so the per-unit
 kernels of same-shaped units are the same kernel and the step compiles in
 time close to AdamW's.
 
@@ -203,11 +203,13 @@ def _add_each(xs, ys):
 def split_matrix(matrix: jax.Array, *, as_bits: bool = True) -> list:
   """The rows of an int32 or float32 ``[n, k]`` matrix as separate buffers.
 
-  One variadic reduction over masked copies of the matrix yields row ``i``
+  A variadic reduction over masked copies of the matrix yields row ``i``
   as output ``i``: a kernel whose outputs are separate arrays (each the sum
   of one row and zeros, hence exact), instead of ``n`` slices that XLA
-  would fuse into, and so make distinct, every consumer's kernel. Rows go
-  through in chunks of at most ``_SPLIT_CHUNK`` outputs per reduction.
+  would fuse into, and so make distinct, every consumer's kernel. A
+  reduction has at most ``_SPLIT_CHUNK`` outputs; more rows are split in
+  two stages (:func:`_split`), so that the program holds two distinct
+  reduction kernels, not one per chunk of rows.
 
   Args:
     matrix: the int32 or float32 ``[n, k]`` matrix.
@@ -216,30 +218,50 @@ def split_matrix(matrix: jax.Array, *, as_bits: bool = True) -> list:
       NaN payloads, and spares each row a conversion back (which becomes a
       kernel of its own where the row feeds a ``lax.cond``).
   """
-  n = int(matrix.shape[0])
-  if n == 0:
+  if int(matrix.shape[0]) == 0:
     return []
-  dtype = matrix.dtype
-  bits = dtype != jnp.int32 and as_bits
+  bits = matrix.dtype != jnp.int32 and as_bits
   if bits:
     matrix = lax.bitcast_convert_type(matrix.astype(jnp.float32), jnp.int32)
+  rows = _split(matrix)
+  if not bits:
+    return rows
+  return [lax.bitcast_convert_type(row, jnp.float32) for row in rows]
+
+
+def _split(matrix: jax.Array) -> list:
+  """:func:`split_matrix` of an int32 or float32 matrix, without bits.
+
+  Up to ``_SPLIT_CHUNK`` rows: one reduction. More: the rows, padded to
+  ``groups`` of ``_SPLIT_CHUNK``, are first reduced over the position
+  within a group (output ``r``: row ``r`` of every group, ``[groups,
+  k]``), then each of those is split alike (the same kernel for every
+  ``r``), recursively beyond ``_SPLIT_CHUNK**2`` rows.
+  """
+  n, k = matrix.shape
+  if n <= _SPLIT_CHUNK:
+    return list(_masked_sums(matrix, axis=0))
+  groups = -(-n // _SPLIT_CHUNK)
+  padded = jnp.pad(matrix, ((0, groups * _SPLIT_CHUNK - n), (0, 0)))
+  lanes = _masked_sums(padded.reshape(groups, _SPLIT_CHUNK, k), axis=1)
+  rows = [None] * (groups * _SPLIT_CHUNK)
+  for lane, lane_rows in enumerate(map(_split, lanes)):
+    rows[lane::_SPLIT_CHUNK] = lane_rows
+  return rows[:n]
+
+
+def _masked_sums(x: jax.Array, axis: int) -> tuple:
+  """Output ``i``: the sum over ``axis`` of ``x`` where its index along
+  ``axis`` is ``i`` (``x``'s slice ``i``), as one variadic reduction."""
   # The barrier ties the masks to the data: inside a loop XLA would hoist
   # each loop-invariant ``iota == i`` out of the reduction into a kernel of
-  # its own (n distinct kernels).
-  matrix, iota = lax.optimization_barrier(
-      (matrix, lax.broadcasted_iota(jnp.int32, (n, 1), 0)))
-  rows = []
-  for start in range(0, n, _SPLIT_CHUNK):
-    stop = min(start + _SPLIT_CHUNK, n)
-    chunk, chunk_iota = matrix[start:stop], iota[start:stop]
-    operands = tuple(
-        lax.select(jnp.broadcast_to(chunk_iota == i, chunk.shape), chunk,
-                   jnp.zeros_like(chunk)) for i in range(start, stop))
-    zeros = tuple(jnp.zeros([], matrix.dtype) for _ in operands)
-    rows += lax.reduce(operands, zeros, _add_each, (0,))
-  if not bits:
-    return list(rows)
-  return [lax.bitcast_convert_type(row, jnp.float32) for row in rows]
+  # its own (a distinct kernel per output).
+  x, iota = lax.optimization_barrier(
+      (x, lax.broadcasted_iota(jnp.int32, x.shape, axis)))
+  operands = tuple(lax.select(iota == i, x, jnp.zeros_like(x))
+                   for i in range(x.shape[axis]))
+  zeros = tuple(jnp.zeros([], x.dtype) for _ in operands)
+  return tuple(lax.reduce(operands, zeros, _add_each, (axis,)))
 
 
 class Units(NamedTuple):

@@ -43,8 +43,27 @@ def test_split_matrix_in_chunks_is_exact_at_depth():
   # Each reduction of the compiled program has at most _SPLIT_CHUNK outputs.
   outputs = [int(k) for k in re.findall(r"%\w+:(\d+) = stablehlo\.reduce",
                                          split.lower(matrix).as_text())]
-  assert sum(outputs) == n
   assert max(outputs) <= _engine._SPLIT_CHUNK
+  # Two stages: one reduction over the position in a group of rows, then
+  # one per position (the same kernel), instead of one per chunk of rows.
+  groups = -(-n // _engine._SPLIT_CHUNK)
+  assert sorted(outputs) == [groups] * _engine._SPLIT_CHUNK + [
+      _engine._SPLIT_CHUNK]
+
+
+def test_split_matrix_recurses_beyond_a_chunk_of_chunks(monkeypatch):
+  # With 4 outputs per reduction, 70 rows are 18 groups: the second stage
+  # splits in two stages again.
+  monkeypatch.setattr(_engine, "_SPLIT_CHUNK", 4)
+  matrix = jnp.arange(70 * 3, dtype=jnp.float32).reshape(70, 3) - 100.5
+  split = jax.jit(_engine.split_matrix)
+  rows = split(matrix)
+  assert len(rows) == 70
+  for got, want in zip(rows, np.asarray(matrix)):
+    np.testing.assert_array_equal(got, want)
+  outputs = [int(k) for k in re.findall(r"%\w+:(\d+) = stablehlo\.reduce",
+                                         split.lower(matrix).as_text())]
+  assert max(outputs) <= 4
 
 
 def test_split_rows_mixes_ints_and_floats():
