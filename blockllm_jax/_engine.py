@@ -43,6 +43,7 @@ References:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -233,20 +234,23 @@ def _split(matrix: jax.Array) -> list:
   """:func:`split_matrix` of an int32 or float32 matrix, without bits.
 
   Up to ``_SPLIT_CHUNK`` rows: one reduction. More: the rows, padded to
-  ``groups`` of ``_SPLIT_CHUNK``, are first reduced over the position
-  within a group (output ``r``: row ``r`` of every group, ``[groups,
-  k]``), then each of those is split alike (the same kernel for every
-  ``r``), recursively beyond ``_SPLIT_CHUNK**2`` rows.
+  groups of ``lanes`` rows (about the square root of their number, at
+  most ``_SPLIT_CHUNK``), are first reduced over the position within a
+  group (output ``r``: row ``r`` of every group, ``[groups, k]``), then
+  each of those is split alike (the same kernel for every ``r``),
+  recursively beyond ``_SPLIT_CHUNK**2`` rows. Square-ish stages keep
+  the number of reductions and of padding rows small.
   """
   n, k = matrix.shape
   if n <= _SPLIT_CHUNK:
     return list(_masked_sums(matrix, axis=0))
-  groups = -(-n // _SPLIT_CHUNK)
-  padded = jnp.pad(matrix, ((0, groups * _SPLIT_CHUNK - n), (0, 0)))
-  lanes = _masked_sums(padded.reshape(groups, _SPLIT_CHUNK, k), axis=1)
-  rows = [None] * (groups * _SPLIT_CHUNK)
-  for lane, lane_rows in enumerate(map(_split, lanes)):
-    rows[lane::_SPLIT_CHUNK] = lane_rows
+  lanes = min(_SPLIT_CHUNK, math.isqrt(n - 1) + 1)
+  groups = -(-n // lanes)
+  padded = jnp.pad(matrix, ((0, groups * lanes - n), (0, 0)))
+  rows = [None] * (groups * lanes)
+  for lane, column in enumerate(
+      _masked_sums(padded.reshape(groups, lanes, k), axis=1)):
+    rows[lane::lanes] = _split(column)
   return rows[:n]
 
 

@@ -44,16 +44,15 @@ def test_split_matrix_in_chunks_is_exact_at_depth():
   outputs = [int(k) for k in re.findall(r"%\w+:(\d+) = stablehlo\.reduce",
                                          split.lower(matrix).as_text())]
   assert max(outputs) <= _engine._SPLIT_CHUNK
-  # Two stages: one reduction over the position in a group of rows, then
-  # one per position (the same kernel), instead of one per chunk of rows.
-  groups = -(-n // _engine._SPLIT_CHUNK)
-  assert sorted(outputs) == [groups] * _engine._SPLIT_CHUNK + [
-      _engine._SPLIT_CHUNK]
+  # Two stages: one reduction over the position in each group of 15 rows
+  # (the square root of 219, rounded up), then one per position, the same
+  # kernel, instead of one per chunk of rows.
+  assert sorted(outputs) == [15] * 16
 
 
 def test_split_matrix_recurses_beyond_a_chunk_of_chunks(monkeypatch):
-  # With 4 outputs per reduction, 70 rows are 18 groups: the second stage
-  # splits in two stages again.
+  # With 4 outputs per reduction, 70 rows are 18 groups of 4: the second
+  # stage splits in two stages again.
   monkeypatch.setattr(_engine, "_SPLIT_CHUNK", 4)
   matrix = jnp.arange(70 * 3, dtype=jnp.float32).reshape(70, 3) - 100.5
   split = jax.jit(_engine.split_matrix)
