@@ -327,9 +327,13 @@ def _dense_reduce(rule: _LeafRule, kernel_dtype, param_dtype, precision,
 
 
 def _dense_weight_grad(rule: _LeafRule, precision, inputs, out_grad, dtype):
-  batch_axes = tuple(range(inputs.ndim - 1))
+  # As [tokens, features] matrices contracted on their first axis: XLA
+  # then calls the matmul with a transposed operand, where contracting the
+  # batch axes in place gave each weight gradient a transposed copy of its
+  # inputs (a copy at run time and three instructions to compile).
+  rows = lambda x: x.reshape(-1, x.shape[-1])
   return _shard_like_param(rule, lax.dot_general(
-      inputs, out_grad, ((batch_axes, batch_axes), ((), ())),
+      rows(inputs), rows(out_grad), (((0,), (0,)), ((), ())),
       precision=precision).astype(dtype))
 
 
