@@ -162,6 +162,16 @@ class _Sinks:
     operand and a result of every Dense's conditional)."""
     return self.chained and jnp.dtype(self.packed_dtype).itemsize < 4
 
+  def salt_leaves(self, salt: Optional[jax.Array] = None) -> tuple:
+    """The chain's last leaves: ``(float32 salt,)`` if :attr:`salted`
+    (``salt``, int32[], else zero), else none. Salts stay exact in float32
+    below 2**24."""
+    if not self.salted:
+      return ()
+    if salt is None:
+      return (jnp.zeros([], jnp.float32),)
+    return ((jnp.asarray(salt, jnp.int32) % (1 << 24)).astype(jnp.float32),)
+
 
 class _LeafRule(NamedTuple):
   """What one leaf's backward rule does, static and hashable: the rules of
@@ -738,22 +748,16 @@ class LeanGradients:
     self._sinks.request = request
     packed_seed = self.zeros_packed(mesh_plan)
     if self._sinks.chained:
-      salt_seed = ()
-      if self._sinks.salted:
-        # Salts stay exact in float32 below 2**24.
-        salt_seed = jnp.zeros([], jnp.float32)
-        if fused and salt is not None:
-          salt_seed = (jnp.asarray(salt, jnp.int32) % (1 << 24)).astype(
-              jnp.float32)
-        salt_seed = (salt_seed,)
       if fused:
-        packed_seed = (moments[0], moments[1]) + salt_seed
+        packed_seed = ((moments[0], moments[1])
+                       + self._sinks.salt_leaves(salt))
       else:
-        packed_seed = (packed_seed, jnp.zeros_like(packed_seed)) + salt_seed
+        packed_seed = ((packed_seed, jnp.zeros_like(packed_seed))
+                       + self._sinks.salt_leaves())
     # Each slot's control arrives as an array of its own (not a slice of
     # the matrix), so that same-shaped leaves share compiled kernels.
-    # A scanned slot's rows are one [layers, 4] slice (the program does
-    # not grow with depth); the others arrive as arrays of their own.
+    # A scanned slot's rows are one [layers, _CONTROL] slice (the program
+    # does not grow with depth); the others arrive as arrays of their own.
     layers = self._sinks.layers
     single = [rows.start[slot] for slot in range(num_slots)
               if layers[slot] == 1]
@@ -1119,8 +1123,8 @@ def _functional(loss_fn: Callable, has_aux: bool, compute_lean: bool,
         # (packed gradient or mu, nu or unused[, float32 salt of the
         # moments' stochastic rounding]): one structure for both kinds of
         # pass.
-        packed_sink = (packed_sink, jnp.zeros_like(packed_sink)) + (
-            (jnp.zeros([], jnp.float32),) if sinks.salted else ())
+        packed_sink = ((packed_sink, jnp.zeros_like(packed_sink))
+                       + sinks.salt_leaves())
       # One scalar per slot: its cotangent is the slot's squared norm, with
       # no scatter into a shared vector (which would put the slot's index
       # into, and so make distinct, every slot's kernel).
