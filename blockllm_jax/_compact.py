@@ -36,6 +36,23 @@ def write_leaf(buffer: jax.Array, values: jax.Array,
                                   (offset,), allow_negative_indices=False)
 
 
+def counted_loop(num: int, body, carry):
+  """``lax.fori_loop(0, num, body, carry)`` as a while loop with one counter.
+
+  ``fori_loop`` with static bounds lowers through ``scan``, whose loop carries
+  a second counter; XLA proves the two equal only over several rounds of
+  its simplification pipeline, and each round is a pass over the whole
+  program, so the loop would make the model's compile time longer at every
+  depth.
+  """
+  def step(state):
+    index, carry = state
+    return index + 1, body(index, carry)
+  _, carry = lax.while_loop(lambda state: state[0] < num, step,
+                            (jnp.zeros((), jnp.int32), carry))
+  return carry
+
+
 def greedy_fill(scores: jax.Array, sizes: jax.Array,
                 capacity: int) -> jax.Array:
   """Selects leaves by descending score while they fit into ``capacity``.
@@ -65,9 +82,9 @@ def greedy_fill(scores: jax.Array, sizes: jax.Array,
     # smaller program to compile, the same result.
     return used + jnp.where(fits, size, 0), taken | ((leaves == leaf) & fits)
 
-  _, taken = lax.fori_loop(0, scores.shape[0], take_if_fits,
-                           (jnp.zeros((), jnp.int32),
-                            jnp.zeros(scores.shape, bool)))
+  _, taken = counted_loop(scores.shape[0], take_if_fits,
+                          (jnp.zeros((), jnp.int32),
+                           jnp.zeros(scores.shape, bool)))
   return taken
 
 
@@ -156,7 +173,7 @@ def repack(buffers, sizes: Sequence[int], old_offset: jax.Array,
             jnp.where(clear, 0, b.at[source].get(mode="clip")), mode="drop")
         for b in bufs)
 
-  buffers = lax.fori_loop(0, 2 * num_chunks, body, buffers)
+  buffers = counted_loop(2 * num_chunks, body, buffers)
   return buffers[0] if single else buffers
 
 
