@@ -59,19 +59,23 @@ from blockllm_jax import _layout
 from blockllm_jax import _lean_transforms
 from blockllm_jax import _nnx
 
-# Offsets travel through a float32 cotangent as ``high * 2**12 + low``, both
-# parts exact integers in float32 (< 2**24), which covers offsets < 2**36.
-_OFFSET_SPLIT = 4096
-_CONTROL = 3  # mode, offset_high, offset_low
+# An offset travels through the float32 control token as the bits of a
+# normal float, ``offset + 2**23`` (2**23: the bits of the smallest normal
+# float), so that no flush of denormals can change it and decoding is a
+# bit cast and a subtraction. The largest finite float's bits bound it.
+_OFFSET_BIAS = 1 << 23
+# The longest buffer a lean step addresses (2**31 - 2**24): its last
+# offset's bits are then the largest finite float's.
+_MAX_CAPACITY = 0x7F800000 - _OFFSET_BIAS
+_CONTROL = 2  # mode, offset
 # A control's mode: the sum of what the pass asks of the leaf (one value:
 # "anything asked" is then one comparison, per leaf, in the compiled step).
 _PACKED, _NORM = 2, 1
 
 
-def _encode_offset(offset):
-  offset = offset.astype(jnp.int32)
-  return ((offset // _OFFSET_SPLIT).astype(jnp.float32),
-          (offset % _OFFSET_SPLIT).astype(jnp.float32))
+def _encode_offset(offset) -> jax.Array:
+  return lax.bitcast_convert_type(
+      jnp.asarray(offset, jnp.int32) + _OFFSET_BIAS, jnp.float32)
 
 
 class _Control(NamedTuple):
@@ -96,10 +100,10 @@ class _Control(NamedTuple):
 def _decode_control(control) -> _Control:
   # lax.index_in_dim, not ``control[k]``: jnp indexing costs milliseconds
   # of tracing per call, once per leaf.
-  mode, high, low = (lax.index_in_dim(control, k, keepdims=False)
-                     for k in range(_CONTROL))
-  return _Control(mode=mode, offset=high.astype(jnp.int32) * _OFFSET_SPLIT
-                  + low.astype(jnp.int32))
+  mode, offset = (lax.index_in_dim(control, k, keepdims=False)
+                  for k in range(_CONTROL))
+  return _Control(mode=mode, offset=lax.bitcast_convert_type(
+      offset, jnp.int32) - _OFFSET_BIAS)
 
 
 class _MeshPacking(NamedTuple):
@@ -728,19 +732,29 @@ class LeanGradients:
                        want_norms=norms is not None,
                        mesh=self._mesh_packing(mesh_plan),
                        fused=adam if fused else None)
+    addressed = (self.capacity if request.mesh is None
+                 else request.mesh.local_capacity)
+    if packed is not None and addressed > _MAX_CAPACITY:
+      raise ValueError(
+          f"lean_value_and_grad: the optimizer's moment buffers hold "
+          f"{addressed} coordinates (per device); a lean step addresses at "
+          f"most {_MAX_CAPACITY} (offsets travel as float32 bits). Train "
+          "fewer coordinates per step (BlockLLM: a higher `sparsity`; "
+          "BAdam: smaller blocks) or use jax.value_and_grad.")
     # One control row per layer of each slot (one for an unscanned slot),
     # read from its unit: a whole scanned stack taken as one unit spreads
     # over its layers' consecutive windows.
     unit = jnp.asarray(np.maximum(rows.unit, 0))
     asked = jnp.asarray(rows.unit >= 0)
-    control = [jnp.zeros(rows.unit.shape, jnp.float32)] * _CONTROL
+    control = [jnp.zeros(rows.unit.shape, jnp.float32),
+               _encode_offset(jnp.zeros(rows.unit.shape, jnp.int32))]
     if packed is not None:
       if offset is None:
         raise ValueError("`packed` needs `offset`.")
       at = jnp.asarray(offset, jnp.int32)[unit] + jnp.asarray(rows.shift)
       control[0] = _PACKED * jnp.where(
           asked, jnp.asarray(packed, jnp.float32)[unit], 0)
-      control[1], control[2] = _encode_offset(jnp.where(asked, at, 0))
+      control[1] = _encode_offset(jnp.where(asked, at, 0))
     if norms is not None:
       control[0] = control[0] + _NORM * jnp.where(
           asked, jnp.asarray(norms, jnp.float32)[unit], 0)
@@ -761,7 +775,8 @@ class LeanGradients:
     layers = self._sinks.layers
     single = [rows.start[slot] for slot in range(num_slots)
               if layers[slot] == 1]
-    # Control values are whole numbers >= 0: summed as floats, exactly.
+    # Control values are whole numbers >= 0 (modes) and normal floats
+    # (offsets): summed with zeros as floats, exactly.
     split = dict(zip(single, _engine.split_matrix(jnp.stack(
         [column[np.asarray(single, np.int64)] for column in control],
         axis=1), as_bits=False)))

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import blockllm_jax as bl
+from blockllm_jax import _engine
 from blockllm_jax import _layout
 from blockllm_jax import _lean
 from blockllm_jax.models import LlamaForCausalLM
@@ -173,6 +174,35 @@ def test_backward_packs_norms_and_dense_gradients(compute_lean):
       np.testing.assert_allclose(got, g, rtol=1e-5, atol=1e-7)
     else:
       assert got is None
+
+
+def test_offsets_travel_exactly_as_normal_floats():
+  """A control token's offset is the bits of a normal float: exact through
+  the split of the control rows (a float sum with zeros) and never a
+  denormal that a flush to zero could change."""
+  offsets = np.array([0, 1, 2**23, 2**24 + 1, 2**30 + 12345,
+                      _lean._MAX_CAPACITY - 1], np.int32)
+  encoded = np.asarray(_lean._encode_offset(jnp.asarray(offsets)))
+  assert np.all(np.isfinite(encoded))
+  assert np.all(encoded >= np.finfo(np.float32).tiny)
+  modes = np.arange(len(offsets), dtype=np.float32) % 4
+  rows = jax.jit(lambda m: _engine.split_matrix(m, as_bits=False))(
+      jnp.stack([jnp.asarray(modes), jnp.asarray(encoded)], axis=1))
+  for row, mode, offset in zip(rows, modes, offsets):
+    control = _lean._decode_control(row)
+    assert int(control.offset) == int(offset)
+    assert float(control.mode) == mode
+
+
+def test_lean_step_refuses_buffers_its_offsets_cannot_address():
+  # Abstract shapes: nothing of this size is allocated.
+  size = _lean._MAX_CAPACITY + 1
+  params = {"w": jax.ShapeDtypeStruct((size,), jnp.float32)}
+  tx = bl.badam(1e-3, switch_every=2, blocks=lambda path, leaf: 0)
+  state = jax.eval_shape(tx.init, params)
+  step = lean_step(tx, lambda p, x: jnp.sum(p["w"]) * x, compute_lean=False)
+  with pytest.raises(ValueError, match=f"at most {_lean._MAX_CAPACITY}"):
+    jax.eval_shape(step, params, state, jnp.float32(1))
 
 
 def test_compute_lean_takes_over_every_llama_projection():
