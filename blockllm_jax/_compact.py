@@ -44,6 +44,14 @@ def counted_loop(num: int, body, carry):
   its simplification pipeline, and each round is a pass over the whole
   program, so the loop would make the model's compile time longer at every
   depth.
+
+  Args:
+    num: the number of iterations (static).
+    body: ``(index, carry) -> carry``, ``index`` an int32 scalar.
+    carry: the initial carry.
+
+  Returns:
+    The final carry.
   """
   def step(state):
     index, carry = state
