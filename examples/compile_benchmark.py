@@ -5,12 +5,16 @@ train step per method on abstract shapes (``jax.jit(step).lower(...)
 .compile()``), timing the CPU process time of lowering plus compiling (what
 a user waits for before the first step; process time is less sensitive to
 a busy machine than wall time) over ``--repeat`` compiles taken in rounds
-over the methods, each from a collected heap. Reports their median (what a
-run typically waits) and their minimum (the compile's own work: a busy
-machine only adds to it), each with its ratio to AdamW's at the same
-depth, the size of the optimized HLO and, per method, the slopes of
-compile time over depth (seconds per layer, least squares) next to
-AdamW's.
+over the methods. Each compile runs in a Python process of its own, as a
+training script's first step does, after a trivial compile that starts the
+backend: compiles one after another in one long process were slower and
+varied more (on our 2-core VM AdamW's 16-layer step 4.7-6.2 s there
+against 4.4-4.7 s in fresh processes, the lean BlockLLM step's at 32
+layers 15.3-18.4 s against 13.6-14.2 s). Reports their median (what a run
+typically waits) and their minimum (the compile's own work: a busy machine
+only adds to it), each with its ratio to AdamW's at the same depth, the
+size of the optimized HLO and, per method, the slopes of compile time over
+depth (seconds per layer, least squares) next to AdamW's.
 
 Methods: ``adamw`` (``optax.adamw``), ``blockllm`` / ``badam`` on
 ``jax.value_and_grad`` (the plain path), and ``blockllm-lean`` /
@@ -33,6 +37,7 @@ import argparse
 import gc
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -103,35 +108,59 @@ def build(method: str, layers: int, args):
   return step, (params, opt_state, tokens)
 
 
-def compile_once(step, arguments):
-  """(CPU s, wall s, compiled) of lowering plus compiling from scratch."""
-  jax.clear_caches()
-  # The previous compile's garbage is collected before the clock starts,
-  # not on this compile's time.
+def measure_one(method: str, layers: int, args) -> dict:
+  """One compile of ``method``'s step at ``layers``, in this process:
+  ``{"cpu": s, "wall": s, "hlo_lines": n}``.
+
+  A trivial compile first starts the backend and the code generator, so
+  that the clock holds this step's lowering and compile only."""
+  step, arguments = build(method, layers, args)
+  jax.jit(lambda x: x + 1).lower(jnp.zeros([], jnp.float32)).compile()
   gc.collect()
   wall, cpu = time.perf_counter(), time.process_time()
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*arguments).compile()
-  return time.process_time() - cpu, time.perf_counter() - wall, compiled
+  cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+  return dict(cpu=cpu, wall=wall,
+              hlo_lines=len(compiled.as_text().splitlines()))
+
+
+def model_flags(args) -> list:
+  """The command-line flags that set the model (passed to each worker)."""
+  flags = ["--width", str(args.width), "--vocab", str(args.vocab),
+           "--batch", str(args.batch), "--seq", str(args.seq)]
+  return flags + (["--scan-layers"] if args.scan_layers else []) + (
+      ["--remat"] if args.remat else [])
+
+
+def measure_in_fresh_process(method: str, layers: int, args) -> dict:
+  """:func:`measure_one` in a new Python process (this script with
+  ``--measure-one``)."""
+  command = [sys.executable, str(Path(__file__).resolve()), "--measure-one",
+             method, str(layers), *model_flags(args)]
+  done = subprocess.run(command, capture_output=True, text=True, check=False)
+  if done.returncode != 0:
+    raise RuntimeError(
+        f"compiling {method} at {layers} layers failed (exit "
+        f"{done.returncode}):\n{done.stderr[-3000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def measure_depth(layers: int, args, progress) -> list:
   """One row per method at ``layers``: the median and the minimum of
-  ``--repeat`` compiles.
+  ``--repeat`` compiles, each in a fresh process.
 
   The repeats go round the methods (adamw, blockllm, ..., adamw, ...), so
   that a stretch of a slow machine falls on every method alike instead of
   on one method's consecutive compiles."""
-  built = {m: build(m, layers, args) for m in args.methods}
   cpus = {m: [] for m in args.methods}
   walls = {m: [] for m in args.methods}
   hlo_lines = {}
   for _ in range(args.repeat):
     for method in args.methods:
-      cpu, wall, compiled = compile_once(*built[method])
-      cpus[method].append(cpu)
-      walls[method].append(wall)
-      if method not in hlo_lines:  # the same program every repeat
-        hlo_lines[method] = len(compiled.as_text().splitlines())
+      measured = measure_in_fresh_process(method, layers, args)
+      cpus[method].append(measured["cpu"])
+      walls[method].append(measured["wall"])
+      hlo_lines[method] = measured["hlo_lines"]  # the same every repeat
       progress.update()
   return [dict(method=m, layers=layers,
                compile_cpu_s=float(np.median(cpus[m])),
@@ -169,7 +198,16 @@ def main():
   parser.add_argument("--repeat", type=int, default=3,
                       help="compiles per (depth, method); the median counts")
   parser.add_argument("--out", type=Path, default=Path("runs/compile"))
+  # A worker: one compile in this process, its result as JSON on stdout.
+  parser.add_argument("--measure-one", nargs=2, metavar=("METHOD", "LAYERS"),
+                      help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.measure_one:
+    method, layers = args.measure_one
+    if method not in METHODS:
+      parser.error(f"--measure-one: unknown method {method!r}")
+    print(json.dumps(measure_one(method, int(layers), args)))
+    return
   if args.repeat < 1:
     parser.error(f"--repeat must be >= 1; got {args.repeat}")
   if min(args.layers) < 1:
@@ -185,7 +223,6 @@ def main():
       desc="compile")
   for layers in args.layers:
     rows += measure_depth(layers, args, progress)
-    jax.clear_caches()
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
   progress.close()
 
