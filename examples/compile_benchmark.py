@@ -7,14 +7,15 @@ a user waits for before the first step; process time is less sensitive to
 a busy machine than wall time) over ``--repeat`` compiles taken in rounds
 over the methods. Each compile runs in a Python process of its own, as a
 training script's first step does, after a trivial compile that starts the
-backend: compiles one after another in one long process were slower and
-varied more (on our 2-core VM AdamW's 16-layer step 4.7-6.2 s there
-against 4.4-4.7 s in fresh processes, the lean BlockLLM step's at 32
-layers 15.3-18.4 s against 13.6-14.2 s). Reports their median (what a run
-typically waits) and their minimum (the compile's own work: a busy machine
-only adds to it), each with its ratio to AdamW's at the same depth, the
-size of the optimized HLO and, per method, the slopes of compile time over
-depth (seconds per layer, least squares) next to AdamW's.
+backend: compiles one after another in one long process took longer (on
+our 2-core VM the median of AdamW's 16-layer step 5.3-5.8 s there against
+4.1-4.4 s in fresh processes, the lean BlockLLM step's 9.0-9.5 s against
+7.6-7.8 s); single compiles vary by 10-40% either way. Reports their
+median (what a run typically waits) and their minimum (the compile's own
+work: a busy machine only adds to it), each with its ratio to AdamW's at
+the same depth, the size of the optimized HLO and, per method, the slopes
+of compile time over depth (seconds per layer, least squares) next to
+AdamW's.
 
 Methods: ``adamw`` (``optax.adamw``), ``blockllm`` / ``badam`` on
 ``jax.value_and_grad`` (the plain path), and ``blockllm-lean`` /
