@@ -181,7 +181,9 @@ def slope(rows, method, key="compile_cpu_s"):
   return float(np.polyfit(x, y, 1)[0])
 
 
-def main():
+def main(argv=None) -> list:
+  """Runs the sweep (``argv``: command-line arguments, default
+  ``sys.argv[1:]``) and returns its rows."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--layers", type=int, nargs="+",
                       default=[2, 4, 8, 16, 32])
@@ -197,18 +199,19 @@ def main():
   parser.add_argument("--remat", action="store_true",
                       help="rematerialise each decoder layer")
   parser.add_argument("--repeat", type=int, default=3,
-                      help="compiles per (depth, method); the median counts")
+                      help="compiles per (depth, method), each in a fresh "
+                           "process; their median and minimum are reported")
   parser.add_argument("--out", type=Path, default=Path("runs/compile"))
   # A worker: one compile in this process, its result as JSON on stdout.
   parser.add_argument("--measure-one", nargs=2, metavar=("METHOD", "LAYERS"),
                       help=argparse.SUPPRESS)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   if args.measure_one:
     method, layers = args.measure_one
     if method not in METHODS:
       parser.error(f"--measure-one: unknown method {method!r}")
     print(json.dumps(measure_one(method, int(layers), args)))
-    return
+    return []
   if args.repeat < 1:
     parser.error(f"--repeat must be >= 1; got {args.repeat}")
   if min(args.layers) < 1:
@@ -258,6 +261,7 @@ def main():
   (args.out / "compile.md").write_text("\n".join(markdown) + "\n")
   plot(rows, args)
   print(f"wrote {args.out}/results.json, compile.md, compile.png")
+  return rows
 
 
 def plot(rows, args):
