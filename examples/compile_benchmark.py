@@ -15,7 +15,8 @@ median (what a run typically waits) and their minimum (the compile's own
 work: a busy machine only adds to it), each with its ratio to AdamW's at
 the same depth, the size of the optimized HLO and, per method, the slopes
 of compile time over depth (seconds per layer, least squares) next to
-AdamW's.
+AdamW's. ``results.json`` also holds every compile's time and the median
+of the part spent before XLA (``lower_cpu_s``: tracing and lowering).
 
 Methods: ``adamw`` (``optax.adamw``), ``blockllm`` / ``badam`` on
 ``jax.value_and_grad`` (the plain path), and ``blockllm-lean`` /
@@ -111,7 +112,8 @@ def build(method: str, layers: int, args):
 
 def measure_one(method: str, layers: int, args) -> dict:
   """One compile of ``method``'s step at ``layers``, in this process:
-  ``{"cpu": s, "wall": s, "hlo_lines": n}``.
+  ``{"cpu": s, "wall": s, "lower_cpu": s, "hlo_lines": n}`` (``lower_cpu``:
+  the part before XLA, tracing and lowering to StableHLO).
 
   A trivial compile first starts the backend and the code generator, so
   that the clock holds this step's lowering and compile only."""
@@ -119,9 +121,11 @@ def measure_one(method: str, layers: int, args) -> dict:
   jax.jit(lambda x: x + 1).lower(jnp.zeros([], jnp.float32)).compile()
   gc.collect()
   wall, cpu = time.perf_counter(), time.process_time()
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*arguments).compile()
+  lowered = jax.jit(step, donate_argnums=(0, 1)).lower(*arguments)
+  lower_cpu = time.process_time() - cpu
+  compiled = lowered.compile()
   cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-  return dict(cpu=cpu, wall=wall,
+  return dict(cpu=cpu, wall=wall, lower_cpu=lower_cpu,
               hlo_lines=len(compiled.as_text().splitlines()))
 
 
@@ -155,18 +159,21 @@ def measure_depth(layers: int, args, progress) -> list:
   on one method's consecutive compiles."""
   cpus = {m: [] for m in args.methods}
   walls = {m: [] for m in args.methods}
+  lowers = {m: [] for m in args.methods}
   hlo_lines = {}
   for _ in range(args.repeat):
     for method in args.methods:
       measured = measure_in_fresh_process(method, layers, args)
       cpus[method].append(measured["cpu"])
       walls[method].append(measured["wall"])
+      lowers[method].append(measured["lower_cpu"])
       hlo_lines[method] = measured["hlo_lines"]  # the same every repeat
       progress.update()
   return [dict(method=m, layers=layers,
                compile_cpu_s=float(np.median(cpus[m])),
                compile_cpu_min_s=float(np.min(cpus[m])),
                compile_wall_s=float(np.median(walls[m])),
+               lower_cpu_s=float(np.median(lowers[m])),
                compile_cpu_all=cpus[m], hlo_lines=hlo_lines[m])
           for m in args.methods]
 
