@@ -9,8 +9,8 @@ over the methods. Each compile runs in a Python process of its own, as a
 training script's first step does, after a trivial compile that starts the
 backend: compiles one after another in one long process took longer (on
 our 2-core VM the median of AdamW's 16-layer step 5.3-5.8 s there against
-4.1-4.4 s in fresh processes, the lean BlockLLM step's 9.0-9.5 s against
-7.6-7.8 s); single compiles vary by 10-40% either way. Reports their
+4.1-4.5 s in fresh processes, the lean BlockLLM step's 9.0-9.5 s against
+7.6-7.9 s); single compiles vary by 10-40% either way. Reports their
 median (what a run typically waits) and their minimum (the compile's own
 work: a busy machine only adds to it), each with its ratio to AdamW's at
 the same depth, the size of the optimized HLO and, per method, the slopes
