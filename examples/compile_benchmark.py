@@ -157,24 +157,23 @@ def measure_depth(layers: int, args, progress) -> list:
   The repeats go round the methods (adamw, blockllm, ..., adamw, ...), so
   that a stretch of a slow machine falls on every method alike instead of
   on one method's consecutive compiles."""
-  cpus = {m: [] for m in args.methods}
-  walls = {m: [] for m in args.methods}
-  lowers = {m: [] for m in args.methods}
-  hlo_lines = {}
+  runs = {m: [] for m in args.methods}
   for _ in range(args.repeat):
     for method in args.methods:
-      measured = measure_in_fresh_process(method, layers, args)
-      cpus[method].append(measured["cpu"])
-      walls[method].append(measured["wall"])
-      lowers[method].append(measured["lower_cpu"])
-      hlo_lines[method] = measured["hlo_lines"]  # the same every repeat
+      runs[method].append(measure_in_fresh_process(method, layers, args))
       progress.update()
+
+  def each(method, key):
+    return [run[key] for run in runs[method]]
+
   return [dict(method=m, layers=layers,
-               compile_cpu_s=float(np.median(cpus[m])),
-               compile_cpu_min_s=float(np.min(cpus[m])),
-               compile_wall_s=float(np.median(walls[m])),
-               lower_cpu_s=float(np.median(lowers[m])),
-               compile_cpu_all=cpus[m], hlo_lines=hlo_lines[m])
+               compile_cpu_s=float(np.median(each(m, "cpu"))),
+               compile_cpu_min_s=float(np.min(each(m, "cpu"))),
+               compile_wall_s=float(np.median(each(m, "wall"))),
+               lower_cpu_s=float(np.median(each(m, "lower_cpu"))),
+               compile_cpu_all=each(m, "cpu"),
+               # The same program every repeat.
+               hlo_lines=runs[m][0]["hlo_lines"])
           for m in args.methods]
 
 
