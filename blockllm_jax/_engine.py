@@ -353,12 +353,19 @@ def _layer_loop(group: _layout.UnitGroup, body, carry):
 
 
 def _moments(grad, mu, nu, settings: AdamSettings, restart=None):
-  """Adam's moment update, elementwise; ``restart`` zeroes the old moments."""
+  """Adam's moment update, elementwise; ``restart`` zeroes the old moments.
+
+  Written as ``m + (1 - b) * (g - m)``, optax's ``(1 - b) * g + b * m``
+  rearranged (the two round differently, by about an ulp): one constant,
+  broadcast and product fewer per moment, which per unit is what XLA's
+  passes spend their time on (7% of the lean step's instructions with the
+  squared norm below).
+  """
   if restart is not None:
     mu = jnp.where(restart, 0, mu)
     nu = jnp.where(restart, 0, nu)
-  return ((1 - settings.b1) * grad + settings.b1 * mu,
-          (1 - settings.b2) * (grad**2) + settings.b2 * nu)
+  return (mu + (1 - settings.b1) * (grad - mu),
+          nu + (1 - settings.b2) * (grad * grad - nu))
 
 
 def _wide(dtype) -> jnp.dtype:
@@ -519,20 +526,6 @@ def squared_norm(x: jax.Array, axes=None) -> jax.Array:
   entry is not (or the sum overflows)."""
   x = x.astype(jnp.float32)
   return jnp.sum(x * x, axis=axes)
-
-
-def quarter_squared_norm(x: jax.Array) -> jax.Array:
-  """float32 ``sum((x / 2)**2)``: a quarter of ``x``'s squared norm (exact
-  in binary floating point), not finite if any entry is not.
-
-  For a gradient whose second moment the same program computes: XLA
-  would share a plain ``x * x`` with the moment's ``g * g`` and
-  materialise it as an array, and a kernel, of its own per leaf. The
-  caller scales by 4 where it is cheapest (scaled per leaf, XLA gives
-  each scaling a scalar kernel of its own).
-  """
-  half = x.astype(jnp.float32) * 0.5
-  return jnp.sum(half * half)
 
 
 def update_moments(mu: jax.Array, nu: jax.Array, packed: jax.Array,

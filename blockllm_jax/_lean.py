@@ -260,10 +260,8 @@ def _reduce_into(rule: _LeafRule, chain, grad, control: _Control, *,
   Packed passes add the gradient's window to the packed gradient. Fused
   passes fold it into the moments' windows, which stay as they were if
   the gradient is not finite (or its squared norm overflows float32), and
-  report a quarter of the squared norm (``_engine.quarter_squared_norm``;
-  :meth:`LeanGradients.backward` scales all of them at once) of every
-  packed leaf (its finiteness is the caller's) as well as of
-  those asked for. ``asked``: the caller runs this only when the leaf's
+  report the squared norm of every packed leaf (its finiteness is the
+  caller's) as well as of those asked for. ``asked``: the caller runs this only when the leaf's
   window or norm is asked for (a Dense's conditional weight gradient), so
   the fused pass's norm needs no mask.
   """
@@ -275,20 +273,20 @@ def _reduce_into(rule: _LeafRule, chain, grad, control: _Control, *,
                            control.offset)
       chain = (packed,) + tuple(chain[1:])
     return chain, jnp.where(control.need_norm, square, 0.0)
-  # One reduction for both the finiteness of a packed leaf and a norm.
-  quarter = _engine.quarter_squared_norm(grad)
+  # One reduction for both the finiteness of a packed leaf and a norm: a
+  # leaf whose squared norm overflows float32 keeps its moments (its score
+  # is not finite).
+  square = _engine.squared_norm(grad)
   if rule.packs:
     mu, nu, *salt = chain
-    # The full squared norm is tested: a leaf whose squared norm
-    # overflows float32 keeps its moments (its score is not finite).
     mu, nu = _engine.update_window_moments(
         mu, nu, grad, control.offset,
-        control.need_packed & jnp.isfinite(4 * quarter),
+        control.need_packed & jnp.isfinite(square),
         rule.fused, salt[0].astype(jnp.int32) if salt else None)
     chain = (mu, nu, *salt)
   if asked:
-    return chain, quarter
-  return chain, jnp.where(control.asked, quarter, 0.0)
+    return chain, square
+  return chain, jnp.where(control.asked, square, 0.0)
 
 
 def _reduce_gradient(rule: _LeafRule, grad, control):
@@ -793,8 +791,7 @@ class LeanGradients:
     return LeanResult(
         packed=packed_ct if packed is not None and not fused else None,
         moments=(chain[0], chain[1]) if fused else None,
-        # Fused passes reduce to quarters of the squared norms.
-        norm_sq=((4 if fused else 1) * rows.unit_norms(slots, norm_ct)
+        norm_sq=(rows.unit_norms(slots, norm_ct)
                  if norms is not None else None),
         dense=[param_cts[slot] if d else None
                for slot, d in zip(slots, dense)])
