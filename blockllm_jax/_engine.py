@@ -158,7 +158,7 @@ class Unit(NamedTuple):
   # inactive unit (see :func:`per_unit`): reads and writes clamp it to 0.
   offset: jax.Array
   active: jax.Array  # bool[] trained with Adam in this step.
-  scale1: jax.Array  # float32[] 1 / (1 - b1**count), mu's bias correction.
+  scale1: jax.Array  # float32[] 1 / (1 - b1**count) for mu; 0 if inactive.
   scale2: jax.Array  # float32[] 1 / (1 - b2**count), nu's bias correction.
   flag: Optional[jax.Array] = None  # bool[] a policy's extra per-unit flag.
   restart: Optional[jax.Array] = None  # bool[] moments restart this step.
@@ -315,7 +315,11 @@ def per_unit(offset: jax.Array, active: jax.Array, count: jax.Array,
   count = jnp.maximum(count, 1)  # inactive units: a harmless correction
   # Reciprocals here, for all units at once: XLA rewrites ``m / c`` as
   # ``m * (1 / c)`` and would give each unit's ``1 / c`` a kernel of its own.
-  scale1 = 1 / (1 - settings.b1**count).astype(jnp.float32)
+  # An inactive unit's is 0, so that its direction is exactly zero (its
+  # window's moments, whatever they are, are finite) without a select per
+  # unit (``_unit_update``).
+  scale1 = jnp.where(active, 1 / (1 - settings.b1**count).astype(jnp.float32),
+                     0)
   scale2 = 1 / (1 - settings.b2**count).astype(jnp.float32)
   vectors = Unit(offset=offset.astype(jnp.int32), active=active,
                  scale1=scale1, scale2=scale2, flag=flag, restart=restart)
@@ -586,6 +590,10 @@ def _unit_update(shape, size, out_dtype, settings: AdamSettings,
     update = update + settings.weight_decay * param.astype(out_dtype)
   if finish is not None:
     update = finish(unit, update)
+  elif not settings.use_weight_decay:
+    # Zero where inactive already (``per_unit``'s ``scale1``): one select
+    # and broadcast fewer per unit (2% of the lean step's instructions).
+    return update
   return _where(unit.active, update, jnp.zeros(shape, out_dtype))
 
 

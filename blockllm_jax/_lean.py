@@ -261,9 +261,9 @@ def _reduce_into(rule: _LeafRule, chain, grad, control: _Control, *,
   passes fold it into the moments' windows, which stay as they were if
   the gradient is not finite (or its squared norm overflows float32), and
   report the squared norm of every packed leaf (its finiteness is the
-  caller's) as well as of those asked for. ``asked``: the caller runs this only when the leaf's
-  window or norm is asked for (a Dense's conditional weight gradient), so
-  the fused pass's norm needs no mask.
+  caller's) as well as of those asked for. ``asked``: the caller runs this
+  only when the leaf's window or norm is asked for (a Dense's conditional
+  weight gradient), so the fused pass's norm needs no mask.
   """
   if rule.fused is None:
     square = (_engine.squared_norm(grad) if rule.want_norms
