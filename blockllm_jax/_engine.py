@@ -315,9 +315,10 @@ def per_unit(offset: jax.Array, active: jax.Array, count: jax.Array,
   count = jnp.maximum(count, 1)  # inactive units: a harmless correction
   # Reciprocals here, for all units at once: XLA rewrites ``m / c`` as
   # ``m * (1 / c)`` and would give each unit's ``1 / c`` a kernel of its own.
-  # An inactive unit's is 0, so that its direction is exactly zero (its
-  # window's moments, whatever they are, are finite) without a select per
-  # unit (``_unit_update``).
+  # An inactive unit's is 0, so that its direction is exactly zero without
+  # a select per unit (``_unit_update``): whatever window it reads holds
+  # finite moments (float16 ones saturate at their largest value when
+  # rounded, ``_rounding.round_with_bits``).
   scale1 = jnp.where(active, 1 / (1 - settings.b1**count).astype(jnp.float32),
                      0)
   scale2 = 1 / (1 - settings.b2**count).astype(jnp.float32)

@@ -479,3 +479,22 @@ def test_bfloat16_moments_are_rounded_stochastically(make):
   assert abs(np.mean(mu / np.asarray(g)) - 1) < 0.01
   nearest = _nearest_bf16_nu(g2, b2, steps) / (1 - b2**steps)
   assert np.mean(nearest / g2) < 0.75  # what rounding to nearest would give
+
+
+def test_float16_moments_that_overflow_stay_out_of_other_units():
+  """``(1 - b2) g**2`` beyond float16's range (|g| = 1e4): the stored
+  ``nu`` saturates at float16's largest value instead of becoming inf, so
+  the unit's direction stays finite, and the unselected unit, whose clamped
+  window read lands on that window, gets exactly 0 (its direction is its
+  zero bias correction times those moments, with no select)."""
+  params = {"a": jnp.zeros(8), "b": jnp.zeros(8)}
+  tx = bl.scale_by_blockllm(0.5, patience=100, min_interval=100,
+                            eligible=EVERYTHING, moment_dtype="float16")
+  state = tx.init(params)
+  grads = {"a": jnp.full(8, 1e4, jnp.float32), "b": jnp.ones(8, jnp.float32)}
+  update = jax.jit(tx.update)
+  for t in range(3):
+    updates, state = update(grads, state, params, value=1.0)
+    assert bl.selected(state, params) == {"a": True, "b": False}
+    assert np.all(np.isfinite(np.asarray(updates["a"]))), t
+    assert np.all(np.asarray(updates["b"]) == 0), t
