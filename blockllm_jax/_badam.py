@@ -319,7 +319,7 @@ def _scale_by_block_adam(
       packed, grads = None, layout.group_leaves(updates)
       finite &= jnp.all(_engine.finite_units(layout, updates) | ~adam)
     if packed is not None:
-      finite &= jnp.all(jnp.isfinite(packed))
+      finite &= _engine.usable(packed)
     finite &= _corrections.gradients_finite(grads, layout, role, fix)
     finite = _sharding.all_true(finite, reduce)
 
@@ -407,7 +407,8 @@ def scale_by_badam(
   resumed run switches exactly like an uninterrupted one. A step whose
   ``value`` (if given) or whose gradients *used by the step* (the active
   block's and the always-active leaves'; for BREAD's SGD correction, every
-  block's) are not finite returns zero updates, leaves the state untouched
+  block's) are not finite (or, from about 1.8e19 on, too large to square in
+  float32) returns zero updates, leaves the state untouched
   (the schedule does not advance, so every block still gets
   ``switch_every`` finite steps) and increments ``skipped_count``.
   Gradients of frozen leaves are ignored, as the original never computes

@@ -151,9 +151,11 @@ def scale_by_blockllm(
   passed since the last selection. Leaves that stay selected keep their
   moments and bias-correction counts; new ones start from zero.
 
-  A step whose loss or eligible gradient is not finite leaves the moments,
-  the selection and the loss statistics untouched, returns zero updates and
-  increments ``skipped_count``.
+  A step whose loss or eligible gradient is not finite (a gradient counts as
+  not finite from about 1.8e19 on, where its square, Adam's second moment,
+  overflows float32) leaves the moments, the selection and the loss
+  statistics untouched, returns zero updates and increments
+  ``skipped_count``.
 
   Updates of parameters narrower than float32 (bf16, fp16) come back in
   float32, as from :func:`blockllm_jax.scale_by_badam`;
@@ -344,7 +346,8 @@ def scale_by_blockllm(
                            lambda s: s, selection)
       packed = updates.packed
     else:
-      # Tier A: the full gradient; any non-finite entry skips the step.
+      # Tier A: the full gradient; any non-finite entry (or one whose square
+      # overflows float32) skips the step.
       grads = layout.group_leaves(updates)
       finite = _sharding.all_true(
           jnp.isfinite(loss) & _engine.all_finite(layout, updates),
@@ -514,7 +517,7 @@ def scale_by_blockllm(
           another_pass(done),
           lambda carry: backward(carry, grads.recompute()),
           lambda carry: carry, done)
-    packed_finite = jnp.all(jnp.isfinite(done.packed))
+    packed_finite = _engine.usable(done.packed)
     # A new selection applies only if its gradients are finite (a skipped
     # step changes nothing). This data dependency also orders the moments'
     # repack after the backward pass, whose peak it would otherwise add its

@@ -470,16 +470,35 @@ def update_unit_moments(mu: jax.Array, nu: jax.Array,
 
 
 def finite_flags(grads: Sequence[jax.Array]) -> jax.Array:
-  """bool[L]: each gradient is finite.
+  """bool[L]: each gradient is usable, finite with squares that fit float32
+  (:func:`usable_peaks`).
 
-  Written as ``isfinite(max |g|)`` (XLA's max propagates NaN): one
+  Written as a test of ``max |g|`` (XLA's max propagates NaN): one
   reduction to a scalar per leaf, where ``all(isfinite(g))`` lowers to a
   predicate reduction that XLA:CPU splits into several kernels and
   temporaries (about half the program and compile time for this check).
   """
   if not grads:
     return jnp.zeros([0], bool)
-  return jnp.isfinite(jnp.stack([_max_abs(grad) for grad in grads]))
+  return usable_peaks(jnp.stack([_max_abs(grad) for grad in grads]))
+
+
+def usable_peaks(peaks: jax.Array) -> jax.Array:
+  """Each ``max |g|`` is finite and so is its square.
+
+  Adam squares every gradient into ``nu``: a finite gradient past
+  ``sqrt(float32 max)`` (about 1.8e19) would make ``nu`` infinite, and the
+  moment update ``nu + (1 - b2) * (g**2 - nu)`` NaN one step later. Such a
+  step is skipped like a non-finite one (the fused lean pass, which gates
+  on each leaf's squared norm, does the same).
+  """
+  return jnp.isfinite(peaks * peaks)
+
+
+def usable(x: jax.Array) -> jax.Array:
+  """bool[]: ``x`` is finite and its squares fit float32
+  (:func:`usable_peaks`)."""
+  return usable_peaks(_max_abs(x))
 
 
 def _max_abs(x, axes=None):
@@ -488,14 +507,14 @@ def _max_abs(x, axes=None):
 
 
 def finite_units(layout: _layout.LeafLayout, tree) -> jax.Array:
-  """bool[U]: each unit's part of ``tree`` is finite (as
+  """bool[U]: each unit's part of ``tree`` is usable (as
   :func:`finite_flags`; one reduction per stacked leaf). For a step that
   needs only whether all are, :func:`all_finite` compiles faster."""
-  return jnp.isfinite(layout.unit_reduce(tree, _max_abs))
+  return usable_peaks(layout.unit_reduce(tree, _max_abs))
 
 
 def all_finite(layout: _layout.LeafLayout, tree) -> jax.Array:
-  """bool[]: every unit's part of ``tree`` is finite.
+  """bool[]: every unit's part of ``tree`` is usable (:func:`usable_peaks`).
 
   Same-shaped leaves (the same projection in every layer) are combined
   elementwise, ``max(|a|, |b|, ...)`` (NaN propagates), and reduced once:
@@ -520,7 +539,7 @@ def all_finite(layout: _layout.LeafLayout, tree) -> jax.Array:
     peaks.append(jnp.max(functools.reduce(jnp.maximum, magnitudes)))
   if not peaks:
     return jnp.ones([], bool)
-  return jnp.all(jnp.isfinite(jnp.stack(peaks)))
+  return jnp.all(usable_peaks(jnp.stack(peaks)))
 
 
 def unit_norms_squared(layout: _layout.LeafLayout, tree) -> jax.Array:
