@@ -129,12 +129,31 @@ def measure_one(method: str, layers: int, args) -> dict:
               hlo_lines=len(compiled.as_text().splitlines()))
 
 
+# The options that set the model, defined once: the sweep's parser takes
+# them, and each worker process gets the same values back as flags.
+MODEL_OPTIONS = {
+    "--width": dict(type=int, default=64),
+    "--vocab": dict(type=int, default=256),
+    "--batch": dict(type=int, default=1),
+    "--seq": dict(type=int, default=16),
+    "--scan-layers": dict(action="store_true",
+                          help="decoder layers under nn.scan (block "
+                               "optimizers with layer_axis=0)"),
+    "--remat": dict(action="store_true",
+                    help="rematerialise each decoder layer"),
+}
+
+
 def model_flags(args) -> list:
   """The command-line flags that set the model (passed to each worker)."""
-  flags = ["--width", str(args.width), "--vocab", str(args.vocab),
-           "--batch", str(args.batch), "--seq", str(args.seq)]
-  return flags + (["--scan-layers"] if args.scan_layers else []) + (
-      ["--remat"] if args.remat else [])
+  flags = []
+  for flag, options in MODEL_OPTIONS.items():
+    value = getattr(args, flag[2:].replace("-", "_"))
+    if options.get("action") == "store_true":
+      flags += [flag] if value else []
+    else:
+      flags += [flag, str(value)]
+  return flags
 
 
 def measure_in_fresh_process(method: str, layers: int, args) -> dict:
@@ -195,15 +214,8 @@ def main(argv=None) -> list:
                       default=[2, 4, 8, 16, 32])
   parser.add_argument("--methods", nargs="+", default=list(METHODS),
                       choices=METHODS)
-  parser.add_argument("--width", type=int, default=64)
-  parser.add_argument("--vocab", type=int, default=256)
-  parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--seq", type=int, default=16)
-  parser.add_argument("--scan-layers", action="store_true",
-                      help="decoder layers under nn.scan (block optimizers "
-                           "with layer_axis=0)")
-  parser.add_argument("--remat", action="store_true",
-                      help="rematerialise each decoder layer")
+  for flag, options in MODEL_OPTIONS.items():
+    parser.add_argument(flag, **options)
   parser.add_argument("--repeat", type=int, default=3,
                       help="compiles per (depth, method), each in a fresh "
                            "process; their median and minimum are reported")

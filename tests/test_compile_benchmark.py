@@ -58,3 +58,18 @@ def test_worker_refuses_an_unknown_method(compile_benchmark, capsys):
   with pytest.raises(SystemExit):
     compile_benchmark.main(["--measure-one", "sgd", "2"])
   assert "unknown method 'sgd'" in capsys.readouterr().err
+
+
+def test_workers_get_the_sweeps_model_options(compile_benchmark):
+  # Every model option goes to the worker, and comes back the same value.
+  import argparse
+  parser = argparse.ArgumentParser()
+  for flag, options in compile_benchmark.MODEL_OPTIONS.items():
+    parser.add_argument(flag, **options)
+  for argv in (["--width", "48", "--vocab", "80", "--batch", "2", "--seq",
+                "12", "--scan-layers", "--remat"], []):
+    args = parser.parse_args(argv)
+    flags = compile_benchmark.model_flags(args)
+    assert parser.parse_args(flags) == args
+    assert sorted(vars(args)) == sorted(
+        flag[2:].replace("-", "_") for flag in compile_benchmark.MODEL_OPTIONS)
