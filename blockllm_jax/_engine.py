@@ -78,9 +78,22 @@ class AdamSettings(NamedTuple):
     """False only for a Python zero (the default): no ``+ 0`` per unit."""
     return not _python_zero(self.eps_root)
 
+  @property
+  def positive_denominator(self) -> bool:
+    """True if ``sqrt(nu_hat + eps_root) + eps`` cannot be 0: ``eps`` or
+    ``eps_root`` is a Python number above 0 (the default ``eps``). With
+    both 0, a zero ``nu`` gives ``0 / 0``: NaN for an active unit's zero
+    gradient coordinates, as in ``optax.adam``, and for an inactive unit
+    reading such a window, unless selected away."""
+    return _python_positive(self.eps) or _python_positive(self.eps_root)
+
 
 def _python_zero(value) -> bool:
   return isinstance(value, (int, float)) and value == 0
+
+
+def _python_positive(value) -> bool:
+  return isinstance(value, (int, float)) and value > 0
 
 
 def adam_settings(*, b1, b2, eps, eps_root, weight_decay,
@@ -318,7 +331,8 @@ def per_unit(offset: jax.Array, active: jax.Array, count: jax.Array,
   # An inactive unit's is 0, so that its direction is exactly zero without
   # a select per unit (``_unit_update``): whatever window it reads holds
   # finite moments (float16 ones saturate at their largest value when
-  # rounded, ``_rounding.round_with_bits``).
+  # rounded, ``_rounding.round_with_bits``), and with ``eps`` or
+  # ``eps_root`` above 0 the quotient it multiplies is finite too.
   scale1 = jnp.where(active, 1 / (1 - settings.b1**count).astype(jnp.float32),
                      0)
   scale2 = 1 / (1 - settings.b2**count).astype(jnp.float32)
@@ -610,9 +624,10 @@ def _unit_update(shape, size, out_dtype, settings: AdamSettings,
     update = update + settings.weight_decay * param.astype(out_dtype)
   if finish is not None:
     update = finish(unit, update)
-  elif not settings.use_weight_decay:
-    # Zero where inactive already (``per_unit``'s ``scale1``): one select
-    # and broadcast fewer per unit (2% of the lean step's instructions).
+  elif not settings.use_weight_decay and settings.positive_denominator:
+    # Zero where inactive already (``per_unit``'s ``scale1`` times a finite
+    # quotient): one select and broadcast fewer per unit (2% of the lean
+    # step's instructions).
     return update
   return _where(unit.active, update, jnp.zeros(shape, out_dtype))
 

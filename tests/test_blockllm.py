@@ -498,3 +498,26 @@ def test_float16_moments_that_overflow_stay_out_of_other_units():
     assert bl.selected(state, params) == {"a": True, "b": False}
     assert np.all(np.isfinite(np.asarray(updates["a"]))), t
     assert np.all(np.asarray(updates["b"]) == 0), t
+
+
+@pytest.mark.parametrize("eps,eps_root", [(0.0, 0.0), (1e-8, 0.0),
+                                          (0.0, 1e-16)])
+def test_unselected_unit_gets_exact_zeros_whatever_eps(eps, eps_root):
+  """The selected unit ``c`` (at offset 0) has zero-gradient coordinates,
+  so its ``nu`` is 0 there; the unselected ``a`` reads that window
+  (clamped). With ``eps = eps_root = 0`` Adam's quotient is 0 / 0 there
+  (NaN for ``c`` itself, as in ``optax.adam``), and ``a`` must still get
+  exactly 0."""
+  params = {"a": jnp.ones((4, 4)), "c": jnp.ones((4, 4))}
+  grads = {"a": jnp.full((4, 4), 0.1), "c": jnp.ones((4, 4)).at[0].set(0.0)}
+  tx = bl.scale_by_blockllm(0.5, patience=5, eligible=EVERYTHING, eps=eps,
+                            eps_root=eps_root)
+  state = tx.init(params)
+  updates, state = jax.jit(tx.update)(grads, state, params, value=1.0)
+  assert bl.selected(state, params) == {"a": False, "c": True}
+  assert np.all(np.asarray(updates["a"]) == 0)
+  want = optax.scale_by_adam(eps=eps, eps_root=eps_root).update(
+      {"c": grads["c"]}, optax.scale_by_adam(eps=eps, eps_root=eps_root).init(
+          {"c": params["c"]}))[0]["c"]
+  np.testing.assert_allclose(updates["c"], want, rtol=1e-6, equal_nan=True)
+
