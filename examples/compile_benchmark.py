@@ -144,6 +144,12 @@ MODEL_OPTIONS = {
 }
 
 
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+  """Adds :data:`MODEL_OPTIONS` to ``parser``."""
+  for flag, options in MODEL_OPTIONS.items():
+    parser.add_argument(flag, **options)
+
+
 def model_flags(args) -> list:
   """The command-line flags that set the model (passed to each worker)."""
   flags = []
@@ -214,8 +220,7 @@ def main(argv=None) -> list:
                       default=[2, 4, 8, 16, 32])
   parser.add_argument("--methods", nargs="+", default=list(METHODS),
                       choices=METHODS)
-  for flag, options in MODEL_OPTIONS.items():
-    parser.add_argument(flag, **options)
+  add_model_options(parser)
   parser.add_argument("--repeat", type=int, default=3,
                       help="compiles per (depth, method), each in a fresh "
                            "process; their median and minimum are reported")

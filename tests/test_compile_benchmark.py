@@ -2,6 +2,7 @@
 process and comes back as a row per (depth, method), with tables and a plot;
 a failing worker fails the sweep loudly (no timing asserted)."""
 
+import argparse
 import json
 import os
 
@@ -62,10 +63,8 @@ def test_worker_refuses_an_unknown_method(compile_benchmark, capsys):
 
 def test_workers_get_the_sweeps_model_options(compile_benchmark):
   # Every model option goes to the worker, and comes back the same value.
-  import argparse
   parser = argparse.ArgumentParser()
-  for flag, options in compile_benchmark.MODEL_OPTIONS.items():
-    parser.add_argument(flag, **options)
+  compile_benchmark.add_model_options(parser)
   for argv in (["--width", "48", "--vocab", "80", "--batch", "2", "--seq",
                 "12", "--scan-layers", "--remat"], []):
     args = parser.parse_args(argv)
