@@ -115,13 +115,13 @@ def test_all_finite_matches_each_unit_checked_alone():
     assert check(layout, tree)
     for key, index in places:
       # 1e19 squares to 1e38 (fits float32); 2e19 does not.
-      for bad in (jnp.nan, jnp.inf, -jnp.inf, 2e19, -2e19, 1e19):
+      for value in (jnp.nan, jnp.inf, -jnp.inf, 2e19, -2e19, 1e19):
         broken = jax.tree.map(lambda x: x, tree)
         if key == "layers":
-          broken["layers"]["w"] = tree["layers"]["w"].at[index].set(bad)
+          broken["layers"]["w"] = tree["layers"]["w"].at[index].set(value)
         else:
-          broken[key] = tree[key].at[index].set(bad)
+          broken[key] = tree[key].at[index].set(value)
         want = _finite_reference(layout, broken)
-        assert bool(check(layout, broken)) == want, (key, index, bad)
+        assert bool(check(layout, broken)) == want, (key, index, value)
         # and as the per-unit check says
         assert want == bool(jnp.all(_engine.finite_units(layout, broken)))
